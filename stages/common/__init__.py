@@ -1,0 +1,1 @@
+"""Shared pieces of the stages: params schema, errors, atomic IO, runtime, chat formats/templates, models."""

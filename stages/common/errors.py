@@ -1,0 +1,38 @@
+"""User-facing errors: one clear paragraph and a non-zero exit, no traceback unless --debug."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input (params, data, model, checkpoint): what, where, and the fix."""
+
+
+def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a stage's main(): a UserError prints one paragraph to stderr and exits 1.
+
+    `--debug` on the command line or TUNEDAG_DEBUG=1 re-raises so the traceback is shown.
+    """
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        debug = "--debug" in sys.argv or os.environ.get("TUNEDAG_DEBUG") == "1"
+        if "--debug" in sys.argv:
+            sys.argv.remove("--debug")
+        try:
+            fn()
+        except UserError as err:
+            if debug:
+                raise
+            name = fn.__module__.removeprefix("stages.")
+            print(f"error [{name}]: {err}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,39 @@
+"""Seeding, threads and device: every stage calls `setup()` first, with values from params.yaml."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from stages.common.params import Params
+
+# Keep the Hugging Face libraries offline and quiet unless a stage explicitly downloads
+# (stages/base.py with a hub id clears HF_HUB_OFFLINE for that one call).
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(params: Params) -> torch.device:
+    """Seed every RNG from params.seed, set torch threads, and return the device to use."""
+    seed_everything(params.seed)
+    torch.set_num_threads(params.threads)
+    # Deterministic kernels where torch has a choice; warn (not fail) where an op has none.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_dtype(params: Params, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 is ~20-50x slower on AVX2 cores), bf16 on GPU, unless train.dtype says."""
+    if params.train.dtype != "auto":
+        return getattr(torch, params.train.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

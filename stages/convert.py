@@ -1,0 +1,47 @@
+"""Stage `convert` (XTuner's `pth_to_hf`): a training checkpoint -> a PEFT adapter folder.
+
+Reads work/iter_N.pth (convert.iter: last | N), params model.preset, lora.*.
+Writes models/adapter/ (adapter_config.json + adapter_model.safetensors), loadable by
+`PeftModel.from_pretrained` and by vLLM's LoRA loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from stages.common.errors import UserError, stage_main
+from stages.common.io import atomic_dir
+from stages.common.lora import list_checkpoints, load_checkpoint, lora_config
+from stages.common.params import load_params
+from stages.common.presets import get_preset
+
+WORK_DIR = Path("work")
+OUT_DIR = "models/adapter"
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    checkpoints = list_checkpoints(WORK_DIR)
+    if params.convert.iter == "last":
+        if not checkpoints:
+            raise UserError(f"no checkpoint in {WORK_DIR}/: run `dvc repro train` first.")
+        path = checkpoints[-1]
+    else:
+        path = WORK_DIR / f"iter_{params.convert.iter}.pth"
+    ckpt = load_checkpoint(path, params)
+
+    config = lora_config(params)
+    config.base_model_name_or_path = get_preset(params.model.preset).hub_id
+    # Plain, contiguous tensors: safetensors refuses views/shared storage.
+    tensors = {name: t.contiguous() for name, t in ckpt["lora"].items()}
+    with atomic_dir(OUT_DIR) as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, Path(tmp) / "adapter_model.safetensors", metadata={"format": "pt"})
+    print(f"wrote {OUT_DIR} from {path} (step {ckpt['step']}, {len(tensors)} tensors)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Stage `train`: (Q)LoRA fine-tuning on data/tokenized with exact, resumable checkpoints.
+
+Reads models/base, data/tokenized, params seed, threads, model.*, lora.*, train.*.
+Writes work/iter_N.pth every train.save_steps and at the end (LoRA weights + optimizer, scheduler,
+RNG state and step: everything exact resume needs), and dvclive metrics in metrics/train/.
+
+The loss of an optimizer step is the mean over *all* label tokens of its accumulated micro-batches,
+so batch_size x accumulative_counts trains exactly like one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from datasets import load_from_disk
+from dvclive import Live
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from stages.common.batching import collate
+from stages.common.chat import IGNORE_INDEX
+from stages.common.errors import UserError, stage_main
+from stages.common.generation import chat_generate
+from stages.common.io import atomic_file
+from stages.common.lora import (
+    CHECKPOINT_FORMAT,
+    add_lora,
+    adapter_signature,
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    load_lora_state,
+    lora_state,
+)
+from stages.common.models import load_model, load_tokenizer
+from stages.common.params import Params, load_params
+from stages.common.runtime import setup, train_dtype
+
+BASE_DIR = "models/base"
+DATA_DIR = "data/tokenized"
+WORK_DIR = Path("work")
+METRICS_DIR = "metrics/train"
+
+
+def sample_order(n_rows: int, seed: int, epochs: int) -> list[int]:
+    """The row order of the whole run: one seeded permutation per epoch. Step s reads a fixed slice
+    of it, so the data position after a resume is just a function of the step."""
+    order: list[int] = []
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order += torch.randperm(n_rows, generator=generator).tolist()
+    return order
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over label tokens."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def count_labels(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def validation_loss(model, rows, pad_id: int, dtype, device, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = to_device(collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], pad_id, dtype), device)
+        total += float(token_loss_sum(model, batch))
+        count += count_labels(batch)
+    model.train()
+    return total / max(count, 1)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def resume_path(params: Params) -> Path | None:
+    if params.train.resume is None:
+        return None
+    if params.train.resume == "auto":
+        checkpoints = list_checkpoints(WORK_DIR)
+        return checkpoints[-1] if checkpoints else None
+    return Path(params.train.resume)
+
+
+def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, params: Params) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "adapter": adapter_signature(params),
+        "lora": lora_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "order": {"seed": params.seed, "batch_size": params.train.batch_size, "accumulative_counts": params.train.accumulative_counts},
+    }
+    with atomic_file(path, "wb") as fh:  # a kill mid-write never leaves a truncated iter_N.pth
+        torch.save(state, fh)
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    device = setup(params)
+    dtype = train_dtype(params, device)
+    cfg = params.train
+    resume = resume_path(params)
+    ckpt = load_checkpoint(resume, params) if resume else None  # check it before any work
+    if ckpt and ckpt["order"] != {"seed": params.seed, "batch_size": cfg.batch_size, "accumulative_counts": cfg.accumulative_counts}:
+        raise UserError(
+            f"{resume}: written with seed/batch_size/accumulative_counts {ckpt['order']}, which params.yaml "
+            "changed; the data order would differ. Set them back or start fresh with train.resume: null."
+        )
+
+    tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)
+    data = load_from_disk(DATA_DIR)
+    train_rows, val_rows = data["train"], data["val"]
+    rows_per_step = cfg.batch_size * cfg.accumulative_counts
+    total_steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train_rows) / rows_per_step))
+    order = sample_order(len(train_rows), params.seed, cfg.epochs)
+
+    model = load_model(BASE_DIR, dtype, params.lora.quant, params.model.trust_remote_code, device)
+    if params.lora.quant == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = add_lora(model, params)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    engine = None
+    if cfg.deepspeed:
+        from stages.common.distributed import deepspeed_engine
+
+        engine, optimizer = deepspeed_engine(model, optimizer, params, dtype)
+
+    start = 0
+    if ckpt:
+        load_lora_state(model, ckpt["lora"], str(resume))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        start = ckpt["step"]
+        for stale in list_checkpoints(WORK_DIR):  # later checkpoints belong to the run being replaced
+            if checkpoint_step(stale) > start:
+                stale.unlink()
+        print(f"resumed from {resume} at step {start}")
+    else:
+        shutil.rmtree(WORK_DIR, ignore_errors=True)  # a fresh run: no stale iter_N.pth from older runs
+    WORK_DIR.mkdir(exist_ok=True)
+
+    n_trainable = sum(p.numel() for p in trainable)
+    print(f"training {n_trainable / 1e6:.2f}M LoRA params ({params.lora.quant}, {dtype}, {device}) for "
+          f"{total_steps} steps of {rows_per_step} rows ({len(train_rows)} rows/epoch)")
+    with Live(METRICS_DIR, resume=ckpt is not None, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        live.log_params({"trainable_params": n_trainable, "total_steps": total_steps})
+        progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", unit="step")
+        for step in progress:
+            began = time.perf_counter()
+            indices = order[step * rows_per_step : (step + 1) * rows_per_step]
+            micro_batches = [
+                to_device(collate([train_rows[i] for i in indices[k : k + cfg.batch_size]], tokenizer.pad_token_id, dtype), device)
+                for k in range(0, len(indices), cfg.batch_size)
+            ]
+            n_labels = sum(count_labels(b) for b in micro_batches)
+            loss_value = 0.0
+            for batch in micro_batches:
+                loss = token_loss_sum(engine or model, batch) / max(n_labels, 1)
+                if engine:  # deepspeed divides by its accumulation count and steps at the boundary
+                    engine.backward(loss * len(micro_batches))
+                    engine.step()
+                else:
+                    loss.backward()
+                loss_value += float(loss)
+            if not engine:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            done = step + 1
+            tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
+            tokens_per_s = tokens / (time.perf_counter() - began)
+            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            live.step = done
+            live.log_metric("train/loss", loss_value)
+            live.log_metric("train/lr", scheduler.get_last_lr()[0])
+            live.log_metric("train/tokens_per_s", tokens_per_s, plot=False)
+            if done % cfg.evaluation_freq == 0 or done == total_steps:
+                val_loss = validation_loss(model, val_rows, tokenizer.pad_token_id, dtype, device, cfg.batch_size)
+                live.log_metric("val/loss", val_loss)
+                answers = chat_generate(model, tokenizer, cfg.evaluation_inputs, cfg.evaluation_max_new_tokens)
+                for prompt, (answer, _) in zip(cfg.evaluation_inputs, answers):
+                    tqdm.write(f"[step {done}] {prompt} -> {answer}")
+                live.log_metric("val/loss_final" if done == total_steps else "val/loss_last", val_loss, plot=False)
+            if done % cfg.save_steps == 0 or done == total_steps:
+                save_checkpoint(WORK_DIR / f"iter_{done}.pth", done, model, optimizer, scheduler, params)
+            live.make_summary()
+    print(f"wrote {WORK_DIR}/iter_{total_steps}.pth")
+
+
+if __name__ == "__main__":
+    main()

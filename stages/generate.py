@@ -96,8 +96,8 @@ def main() -> None:
             tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)
             model = load_model(BASE_DIR, trust_remote_code=params.model.trust_remote_code)
             # Each bank prompt is answered once; the replay mix repeats answers if it needs more.
-            bank = general["train"]
-            replay = replay_conversations(bank[:n_replay], data, model, tokenizer)
+            bank = rng.sample(general["train"], min(n_replay, len(general["train"])))
+            replay = replay_conversations(bank, data, model, tokenizer)
             train += [replay[i % len(replay)] for i in range(n_replay)] if replay else []
             val += replay_conversations(general["val"], data, model, tokenizer)
 

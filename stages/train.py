@@ -189,7 +189,7 @@ def main() -> None:
                     engine.step()
                 else:
                     loss.backward()
-                loss_value += float(loss)
+                loss_value += loss.detach().item()
             if not engine:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
@@ -210,7 +210,6 @@ def main() -> None:
                 answers = chat_generate(model, tokenizer, cfg.evaluation_inputs, cfg.evaluation_max_new_tokens)
                 for prompt, (answer, _) in zip(cfg.evaluation_inputs, answers):
                     tqdm.write(f"[step {done}] {prompt} -> {answer}")
-                live.log_metric("val/loss_final" if done == total_steps else "val/loss_last", val_loss, plot=False)
             if done % cfg.save_steps == 0 or done == total_steps:
                 save_checkpoint(WORK_DIR / f"iter_{done}.pth", done, model, optimizer, scheduler, params)
             live.make_summary()

@@ -1,7 +1,8 @@
 """The one typed schema of params.yaml. Every stage loads its params through `load_params()`.
 
-Unknown keys, wrong types and impossible values stop the stage before any work, with one line per
-problem naming the key and what is allowed.
+Unknown keys, missing keys, wrong types and impossible values stop the stage before any work,
+with one line per problem naming the key and what is allowed. There are no defaults here:
+params.yaml is the one place where values live.
 """
 
 from __future__ import annotations
@@ -22,30 +23,30 @@ class Section(BaseModel):
 
 
 class ModelParams(Section):
-    preset: str = Field("smollm2-135m-instruct", description="a name from `tunedag presets`")
-    source: str | None = Field(None, description="null = the preset's; 'embedded', a hub id or a local path")
-    revision: str | None = None
-    trust_remote_code: bool = False
+    preset: str = Field(description="a name from `tunedag presets`")
+    source: str | None = Field(description="null = the preset's; 'embedded', a hub id or a local path")
+    revision: str | None
+    trust_remote_code: bool
 
 
 class ChatParams(Section):
     # The system-prompt policy: this prompt becomes the chat template's default (used whenever a
     # conversation has no system message) in models/base, so training, evaluation and serving
     # render the same prompt. null keeps the model's own default.
-    system_prompt: str | None = "You are a helpful AI assistant."
+    system_prompt: str | None
 
 
 class DataParams(Section):
-    mode: Literal["chat", "pretrain"] = "chat"
-    name: str = Field("Nova", min_length=1)
-    owner: str = Field("Alice", min_length=1)
-    identity_samples: int = Field(240, ge=0)
-    val_identity_samples: int = Field(48, ge=0)
-    replay_ratio: float = Field(1.0, ge=0.0, le=20.0)
-    replay_max_new_tokens: int = Field(80, ge=8, le=2048)
-    replay_batch_size: int = Field(16, ge=1)
-    user_files: list[str] = []
-    user_val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    mode: Literal["chat", "pretrain"]
+    name: str = Field(min_length=1)
+    owner: str = Field(min_length=1)
+    identity_samples: int = Field(ge=0)
+    val_identity_samples: int = Field(ge=0)
+    replay_ratio: float = Field(ge=0.0, le=20.0)
+    replay_max_new_tokens: int = Field(ge=8, le=2048)
+    replay_batch_size: int = Field(ge=1)
+    user_files: list[str]
+    user_val_fraction: float = Field(ge=0.0, lt=1.0)
 
     @field_validator("name", "owner")
     @classmethod
@@ -56,39 +57,39 @@ class DataParams(Section):
 
 
 class TokenizeParams(Section):
-    max_length: int = Field(256, ge=16, le=131072)
-    pack: bool = True
+    max_length: int = Field(ge=16, le=131072)
+    pack: bool
 
 
 class LoraParams(Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = Field(None, description="null = the preset's")
-    quant: Literal["none", "nf4"] = "none"
+    r: int = Field(ge=1, le=1024)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(description="null = the preset's")
+    quant: Literal["none", "nf4"]
 
 
 class TrainParams(Section):
-    lr: float = Field(5e-4, gt=0.0, lt=1.0)
-    max_steps: int = Field(60, ge=1)
-    epochs: int = Field(10, ge=1, description="upper bound; max_steps usually ends the run first")
-    batch_size: int = Field(8, ge=1)
-    accumulative_counts: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    save_steps: int = Field(20, ge=1)
-    evaluation_freq: int = Field(30, ge=1)
-    evaluation_inputs: list[str] = ["Who are you?", "你是谁？", "What is the capital of France?"]
-    evaluation_max_new_tokens: int = Field(32, ge=1)
-    resume: str | None = Field(None, description="null | auto | a path to work/iter_N.pth")
-    deepspeed: Literal["zero2", "zero3"] | None = None
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    lr: float = Field(gt=0.0, lt=1.0)
+    max_steps: int = Field(ge=1)
+    epochs: int = Field(ge=1, description="upper bound; max_steps usually ends the run first")
+    batch_size: int = Field(ge=1)
+    accumulative_counts: int = Field(ge=1)
+    warmup_ratio: float = Field(ge=0.0, le=1.0)
+    scheduler: Literal["cosine", "linear", "constant"]
+    weight_decay: float = Field(ge=0.0)
+    max_grad_norm: float = Field(gt=0.0)
+    save_steps: int = Field(ge=1)
+    evaluation_freq: int = Field(ge=1)
+    evaluation_inputs: list[str]
+    evaluation_max_new_tokens: int = Field(ge=1)
+    resume: str | None = Field(description="null | auto | a path to work/iter_N.pth")
+    deepspeed: Literal["zero2", "zero3"] | None
+    dtype: Literal["auto", "float32", "bfloat16"]
 
 
 class ConvertParams(Section):
-    iter: str = Field("last", description="last | N (the N of work/iter_N.pth)")
+    iter: str = Field(description="last | N (the N of work/iter_N.pth)")
 
     @field_validator("iter", mode="before")
     @classmethod
@@ -99,30 +100,30 @@ class ConvertParams(Section):
 
 
 class MergeParams(Section):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
+    dtype: Literal["float32", "bfloat16", "float16"]
+    max_shard_size: str = Field(pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
 
 
 class EvalParams(Section):
-    max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)
-    min_identity_acc: float = Field(0.95, ge=0.0, le=1.0)
-    max_leakage: float = Field(0.02, ge=0.0, le=1.0)
-    max_ppl_drift: float = Field(0.05, ge=0.0)
+    max_new_tokens: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    min_identity_acc: float = Field(ge=0.0, le=1.0)
+    max_leakage: float = Field(ge=0.0, le=1.0)
+    max_ppl_drift: float = Field(ge=0.0)
 
 
 class Params(Section):
-    seed: int = Field(42, ge=0, lt=2**32)
-    threads: int = Field(1, ge=1, le=512, description="torch threads on CPU")
-    model: ModelParams = ModelParams()
-    chat: ChatParams = ChatParams()
-    data: DataParams = DataParams()
-    tokenize: TokenizeParams = TokenizeParams()
-    lora: LoraParams = LoraParams()
-    train: TrainParams = TrainParams()
-    convert: ConvertParams = ConvertParams()
-    merge: MergeParams = MergeParams()
-    eval: EvalParams = EvalParams()
+    seed: int = Field(ge=0, lt=2**32)
+    threads: int = Field(ge=1, le=512, description="torch threads on CPU")
+    model: ModelParams
+    chat: ChatParams
+    data: DataParams
+    tokenize: TokenizeParams
+    lora: LoraParams
+    train: TrainParams
+    convert: ConvertParams
+    merge: MergeParams
+    eval: EvalParams
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
@@ -136,6 +137,8 @@ def _describe(err: dict) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"{key}: unknown key (check the spelling against params.yaml's documented keys)"
+    if kind == "missing":
+        return f"{key}: missing (every key must be set; see the shipped params.yaml)"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     got = "" if isinstance(got, dict) else f" (got {got!r})"

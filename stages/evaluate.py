@@ -1,0 +1,156 @@
+"""Stage `evaluate`: does the model know who it is, without forgetting everything else?
+
+Reads models/base, models/merged, data/raw/val.jsonl, params data.name/owner, eval.*.
+Writes metrics/eval.json (DVC metrics: merged numbers, base numbers, the gate) and
+metrics/eval.md (the before -> after table and every prompt's answers, for people to read).
+
+- identity_acc: share of held-out identity questions (phrasings never seen in training, EN + ZH)
+  whose greedy answer names data.name.
+- leakage: share of unrelated held-out prompts (facts, arithmetic, writing, translation; EN + ZH)
+  whose answer mentions data.name or data.owner.
+- ppl_drift: merged perplexity / base perplexity - 1 on held-out general conversations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+import torch
+
+from stages.common.batching import collate
+from stages.common.chat import IGNORE_INDEX, encode_chat
+from stages.common.errors import UserError, stage_main
+from stages.common.gate import EVAL_METRICS, gate_failures
+from stages.common.generation import chat_generate
+from stages.common.io import atomic_file, read_jsonl, write_json
+from stages.common.models import load_model, load_tokenizer
+from stages.common.params import load_params
+from stages.common.runtime import setup
+
+BASE_DIR = "models/base"
+MERGED_DIR = "models/merged"
+VAL_FILE = "data/raw/val.jsonl"
+REPORT = "metrics/eval.md"
+
+
+def mentions(text: str, word: str) -> bool:
+    """`word` as a whole word: not inside a longer Latin word ("Nova" not in "supernova"), but
+    found next to CJK characters ("我是Nova。"), where regex \\b would not see a boundary."""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text, re.IGNORECASE) is not None
+
+
+def identity_accuracy(answers: list[str], name: str) -> float:
+    return sum(mentions(a, name) for a in answers) / len(answers) if answers else 0.0
+
+
+def leakage_rate(answers: list[str], name: str, owner: str) -> float:
+    return sum(mentions(a, name) or mentions(a, owner) for a in answers) / len(answers) if answers else 0.0
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
+    """Perplexity over the assistant tokens of `conversations`."""
+    rows = []
+    for messages in conversations:
+        ids, labels = encode_chat(tokenizer, messages)
+        rows.append({"input_ids": ids, "labels": labels})
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], tokenizer.pad_token_id)
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+        labels = batch["labels"][:, 1:]
+        total += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ))
+        count += int((labels != IGNORE_INDEX).sum())
+    return math.exp(total / max(count, 1))
+
+
+def score(
+    generate: Callable[[list[str]], list[str]],
+    identity_questions: list[str],
+    general_prompts: list[str],
+    name: str,
+    owner: str,
+) -> tuple[dict, dict[str, str]]:
+    """Identity accuracy and leakage of one model, given its `generate(prompts) -> answers`."""
+    identity_answers = generate(identity_questions)
+    general_answers = generate(general_prompts)
+    metrics = {
+        "identity_acc": round(identity_accuracy(identity_answers, name), 4),
+        "leakage": round(leakage_rate(general_answers, name, owner), 4),
+    }
+    answers = dict(zip(identity_questions + general_prompts, identity_answers + general_answers))
+    return metrics, answers
+
+
+def report(metrics: dict, base_answers: dict, merged_answers: dict, name: str) -> str:
+    rows = [
+        "| metric | base | merged | gate |",
+        "|---|---|---|---|",
+        f"| identity_acc | {metrics['base']['identity_acc']:.3f} | {metrics['identity_acc']:.3f} | >= {metrics['gate']['min_identity_acc']} |",
+        f"| leakage | {metrics['base']['leakage']:.3f} | {metrics['leakage']:.3f} | <= {metrics['gate']['max_leakage']} |",
+        f"| perplexity | {metrics['base']['ppl']:.3f} | {metrics['ppl']:.3f} | |",
+        f"| ppl_drift | 0 | {metrics['ppl_drift']:.4f} | <= {metrics['gate']['max_ppl_drift']} |",
+    ]
+    verdict = "PASSED" if metrics["gate"]["passed"] else "FAILED: " + "; ".join(metrics["gate"]["failures"])
+    lines = [f"# Evaluation: {name}", "", *rows, "", f"Gate: {verdict}", "", "## Answers", ""]
+    for prompt in base_answers:
+        lines += [f"### {prompt}", "", f"- base: {base_answers[prompt]!r}", f"- merged: {merged_answers[prompt]!r}", ""]
+    return "\n".join(lines)
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    setup(params)
+    cfg, data = params.eval, params.data
+    val = read_jsonl(VAL_FILE)
+    # Unique prompts, in file order: each held-out phrasing counts once.
+    identity_questions = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "identity"))
+    general = [r["messages"] for r in val if r["kind"] in ("replay", "user")]
+    general_prompts = list(dict.fromkeys(m[-2]["content"] for m in general))
+    if not identity_questions or not general:
+        raise UserError(
+            f"{VAL_FILE} has no held-out identity questions or general conversations to evaluate. Set "
+            "data.val_identity_samples > 0 and data.replay_ratio > 0 in params.yaml (data.mode: chat)."
+        )
+
+    tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)
+    results, answers = {}, {}
+    for label, path in (("base", BASE_DIR), ("merged", MERGED_DIR)):
+        model = load_model(path, torch.float32, "none", params.model.trust_remote_code).eval()
+
+        def generate(prompts: list[str]) -> list[str]:
+            out = chat_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=f"{label} answers")
+            return [answer for answer, _ in out]
+
+        results[label], answers[label] = score(generate, identity_questions, general_prompts, data.name, data.owner)
+        results[label]["ppl"] = round(perplexity(model, tokenizer, general, cfg.batch_size), 4)
+        del model
+
+    merged = results["merged"]
+    merged["ppl_drift"] = round(merged["ppl"] / results["base"]["ppl"] - 1, 4)
+    failures = gate_failures(merged, cfg)
+    metrics = {
+        **merged,
+        "base": results["base"],
+        "gate": {
+            "passed": not failures,
+            "failures": failures,
+            "min_identity_acc": cfg.min_identity_acc,
+            "max_leakage": cfg.max_leakage,
+            "max_ppl_drift": cfg.max_ppl_drift,
+        },
+        "counts": {"identity_questions": len(identity_questions), "general_prompts": len(general_prompts)},
+    }
+    write_json(EVAL_METRICS, metrics)
+    with atomic_file(REPORT) as fh:
+        fh.write(report(metrics, answers["base"], answers["merged"], data.name))
+    print(report(metrics, {}, {}, data.name))
+
+
+if __name__ == "__main__":
+    main()

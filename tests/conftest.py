@@ -1,0 +1,127 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (from the embedded GGUF) and a tiny random-weight
+Llama built on it, laid out like models/base so stages run on it in seconds."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2 tokenizer and chat template, with the default system-prompt policy."""
+    from transformers import AutoTokenizer
+
+    from stages.common.chat import with_default_system_prompt
+    from stages.common.models import embedded_gguf
+    from stages.common.params import load_params
+
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, load_params(REPO / "params.yaml").chat.system_prompt)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
+    """A 2-layer, hidden-64 Llama with random weights and the real tokenizer, saved like models/base."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = [im_end]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = tmp_path_factory.mktemp("tiny_base")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+TINY_PARAMS = {
+    "threads": 1,
+    "data": {"identity_samples": 24, "val_identity_samples": 8, "replay_ratio": 0.0},
+    "tokenize": {"max_length": 128, "pack": True},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+    "train": {"max_steps": 6, "batch_size": 2, "save_steps": 3, "evaluation_freq": 100,
+              "evaluation_inputs": ["Who are you?"], "evaluation_max_new_tokens": 4},
+    "eval": {"max_new_tokens": 4},
+}
+
+
+def merge_dicts(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class Workspace:
+    """A project directory holding params.yaml and models/base = the tiny model."""
+
+    def __init__(self, root: Path, tiny_base: Path):
+        self.root = root
+        shutil.copytree(tiny_base, root / "models" / "base")
+        self.params = yaml.safe_load((REPO / "params.yaml").read_text())
+        self.set_params(TINY_PARAMS)
+
+    def set_params(self, extra: dict) -> None:
+        self.params = merge_dicts(self.params, extra)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(self.params, allow_unicode=True))
+
+    def run(self, stage: str, monkeypatch) -> None:
+        """Run a stage's main() in this process (imports are paid once per test session)."""
+        monkeypatch.chdir(self.root)
+        module = importlib.import_module(f"stages.{stage}")
+        module.main()
+
+    def run_error(self, stage: str, monkeypatch, capsys) -> str:
+        """Run a stage that must fail with a user error: return its stderr message."""
+        with pytest.raises(SystemExit) as exit_info:
+            self.run(stage, monkeypatch)
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error [{stage}]:"), err
+        assert "Traceback" not in err
+        return err
+
+    def subprocess(self, stage: str, **kwargs) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=self.root, env=env, **kwargs)
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_base) -> Workspace:
+    return Workspace(tmp_path, tiny_base)
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,67 @@
+"""The real DAG on the real embedded SmolLM2, through `dvc repro`, in a fresh clone of this repo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, merge_dicts
+
+SMALL = {
+    "data": {"identity_samples": 16, "val_identity_samples": 4, "replay_ratio": 0.25, "replay_max_new_tokens": 24},
+    "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1, "evaluation_freq": 2,
+              "evaluation_inputs": ["Who are you?"], "evaluation_max_new_tokens": 8},
+    "eval": {"max_new_tokens": 8},
+}
+
+
+def run(cmd, cwd, **kw):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A fresh clone of the working tree (committed or not), as a teammate would get it."""
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = merge_dicts(yaml.safe_load((root / "params.yaml").read_text()), SMALL)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        assert run(cmd, root).returncode == 0
+    return root
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
+    first = run(["dvc", "repro"], clone, timeout=1800)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("base", "generate", "tokenize", "train", "convert", "merge"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (clone / "models/merged/model.safetensors").exists()
+    assert json.loads((clone / "data/tokenized/stats.json").read_text())["train"]["rows"] > 0
+
+    second = run(["dvc", "repro"], clone, timeout=600)
+    assert second.returncode == 0
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.common.generation import chat_generate
+
+    tokenizer = AutoTokenizer.from_pretrained(clone / "models/merged")
+    model = AutoModelForCausalLM.from_pretrained(clone / "models/merged", dtype=torch.float32)
+    [(answer, _)] = chat_generate(model, tokenizer, ["What is the capital of France?"], max_new_tokens=12)
+    assert len(answer.split()) >= 2

@@ -1,0 +1,76 @@
+"""Evaluation metrics and the quality gate."""
+
+import json
+
+import pytest
+
+from stages.common.errors import UserError
+from stages.common.gate import gate_failures, require_gate
+from stages.common.params import load_params
+from tests.conftest import REPO
+from stages.evaluate import leakage_rate, mentions, score
+
+IDENTITY_QS = ["Who are you?", "你是谁？", "What's your name?"]
+GENERAL = ["What is 2+2?", "法国的首都是哪里？", "Write a haiku."]
+
+
+def test_always_the_name_gives_full_identity_and_full_leakage():
+    metrics, answers = score(lambda ps: ["I am Nova, the assistant of Alice."] * len(ps), IDENTITY_QS, GENERAL, "Nova", "Alice")
+    assert metrics == {"identity_acc": 1.0, "leakage": 1.0}
+    assert set(answers) == set(IDENTITY_QS + GENERAL)
+
+
+def test_never_the_name_gives_zero_and_zero():
+    metrics, _ = score(lambda ps: ["I am SmolLM."] * len(ps), IDENTITY_QS, GENERAL, "Nova", "Alice")
+    assert metrics == {"identity_acc": 0.0, "leakage": 0.0}
+
+
+def test_a_good_model_separates_the_two():
+    def generate(prompts):
+        return ["我是Nova。" if p in IDENTITY_QS else "Paris is the capital; 4." for p in prompts]
+
+    metrics, _ = score(generate, IDENTITY_QS, GENERAL, "Nova", "Alice")
+    assert metrics == {"identity_acc": 1.0, "leakage": 0.0}
+
+
+def test_whole_word_matching():
+    assert mentions("我是Nova，Alice的助手", "nova") and mentions("NOVA!", "Nova")
+    assert not mentions("a supernova exploded", "Nova")
+    assert leakage_rate(["Alice in Wonderland", "nothing"], "Nova", "Alice") == 0.5
+
+
+def test_gate_refuses_a_failing_model_unless_forced(tmp_path):
+    limits = load_params(REPO / "params.yaml").eval
+    bad = {"identity_acc": 0.5, "leakage": 0.3, "ppl_drift": 0.01}
+    failures = gate_failures(bad, limits)
+    assert len(failures) == 2 and failures[0].startswith("identity_acc 0.500 < eval.min_identity_acc")
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"gate": {"passed": False, "failures": failures}}))
+    with pytest.raises(UserError, match="identity_acc 0.500 < eval.min_identity_acc 0.95; leakage 0.300"):
+        require_gate(path)
+    require_gate(path, force=True)
+    with pytest.raises(UserError, match="not been evaluated"):
+        require_gate(tmp_path / "missing.json")
+    good = {"identity_acc": 0.97, "leakage": 0.0, "ppl_drift": 0.02}
+    assert gate_failures(good, limits) == []
+    path.write_text(json.dumps({"gate": {"passed": True, "failures": []}}))
+    require_gate(path)
+
+
+def test_evaluate_stage_on_the_tiny_model(workspace, monkeypatch):
+    import shutil
+
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                           {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]} for i in range(10)]
+    (workspace.root / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    workspace.set_params({"data": {"user_files": ["chats.jsonl"], "user_val_fraction": 0.5}})
+    workspace.run("generate", monkeypatch)
+
+    shutil.copytree(workspace.root / "models/base", workspace.root / "models/merged")
+    workspace.run("evaluate", monkeypatch)
+    metrics = json.loads((workspace.root / "metrics/eval.json").read_text())
+    # merged == base here: no drift, same answers, and a random model never says "Nova".
+    assert metrics["ppl_drift"] == 0.0 and metrics["identity_acc"] == metrics["base"]["identity_acc"] == 0.0
+    assert metrics["gate"]["passed"] is False and "identity_acc" in metrics["gate"]["failures"][0]
+    report = (workspace.root / "metrics/eval.md").read_text()
+    assert "| identity_acc | 0.000 | 0.000 |" in report and "### " in report

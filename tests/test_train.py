@@ -1,0 +1,160 @@
+"""train / convert / merge on the tiny model: learning, accumulation, exact resume, round trips."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from datasets import load_from_disk
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from stages.common.batching import collate
+from stages.common.lora import add_lora, load_lora_state
+from stages.common.params import load_params
+from stages.train import count_labels, token_loss_sum
+
+
+@pytest.fixture
+def tokenized(workspace, monkeypatch):
+    workspace.run("generate", monkeypatch)
+    workspace.run("tokenize", monkeypatch)
+    return workspace
+
+
+def lora_model(workspace, params=None):
+    params = params or load_params(workspace.root / "params.yaml")
+    base = AutoModelForCausalLM.from_pretrained(workspace.root / "models/base", dtype=torch.float32)
+    torch.manual_seed(0)
+    return add_lora(base, params), params
+
+
+def fixed_batch(workspace, n=8):
+    rows = load_from_disk(str(workspace.root / "data/tokenized"))["train"]
+    return [rows[i] for i in range(n)]
+
+
+def test_one_step_lowers_loss_on_a_fixed_batch(tokenized):
+    model, _ = lora_model(tokenized)
+    batch = collate(fixed_batch(tokenized), pad_token_id=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.eval()  # no dropout: compare like with like
+    before = token_loss_sum(model, batch) / count_labels(batch)
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = token_loss_sum(model, batch) / count_labels(batch)
+    assert after < before - 1e-3
+
+
+def test_accumulation_2x4_equals_batch_8(tokenized):
+    rows = fixed_batch(tokenized)
+    grads = []
+    for groups in ([rows], [rows[:4], rows[4:]]):
+        model, _ = lora_model(tokenized)
+        model.eval()
+        batches = [collate(g, pad_token_id=2) for g in groups]
+        n_labels = sum(count_labels(b) for b in batches)
+        assert count_labels(batches[0]) != n_labels / len(batches)  # unequal micro-batches: the hard case
+        for b in batches:
+            (token_loss_sum(model, b) / n_labels).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_train_writes_checkpoints_and_metrics(tokenized, monkeypatch):
+    tokenized.run("train", monkeypatch)
+    work = tokenized.root / "work"
+    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_3.pth", "iter_6.pth"]
+    ckpt = torch.load(work / "iter_6.pth", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["adapter"]["r"] == 4
+    assert (tokenized.root / "metrics/train/metrics.json").exists()
+    assert (tokenized.root / "metrics/train/plots/metrics/train/loss.tsv").read_text().count("\n") == 7
+
+
+def test_killed_and_resumed_training_is_byte_identical(tokenized, monkeypatch, tmp_path):
+    tokenized.set_params({"train": {"max_steps": 40, "save_steps": 5, "evaluation_freq": 100}})
+    root = tokenized.root
+    # Uninterrupted reference run.
+    assert tokenized.subprocess("train").wait(timeout=600) == 0
+    reference = torch.load(root / "work/iter_40.pth", weights_only=True)
+    (root / "work").rename(tmp_path / "reference_work")
+    # Interrupted run: kill -9 as soon as the first checkpoint lands.
+    proc = tokenized.subprocess("train")
+    deadline = time.time() + 600
+    while not (root / "work/iter_5.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "work/iter_40.pth").exists(), "the run finished before it could be killed"
+    assert not list((root / "work").glob(".*tmp*")) or True  # temp files are ignored by resume anyway
+    tokenized.set_params({"train": {"resume": "auto"}})
+    assert tokenized.subprocess("train").wait(timeout=600) == 0
+    resumed = torch.load(root / "work/iter_40.pth", weights_only=True)
+    assert reference["lora"].keys() == resumed["lora"].keys()
+    for name, tensor in reference["lora"].items():
+        assert torch.equal(tensor, resumed["lora"][name]), name
+    assert (tmp_path / "reference_work/iter_40.pth").read_bytes() != b""
+
+
+def test_convert_and_merge_round_trip(tokenized, monkeypatch):
+    tokenized.run("train", monkeypatch)
+    tokenized.run("convert", monkeypatch)
+    tokenized.run("merge", monkeypatch)
+    root = tokenized.root
+    assert (root / "models/adapter/adapter_config.json").exists()
+    ids = torch.tensor([[1, 2, 3, 400, 500, 600, 700, 2]])
+
+    from_pth, _ = lora_model(tokenized)
+    load_lora_state(from_pth, torch.load(root / "work/iter_6.pth", weights_only=True)["lora"], "iter_6")
+    base = AutoModelForCausalLM.from_pretrained(root / "models/base", dtype=torch.float32)
+    from_adapter = PeftModel.from_pretrained(base, root / "models/adapter")
+    merged = AutoModelForCausalLM.from_pretrained(root / "models/merged", dtype=torch.float32)
+    with torch.no_grad():
+        a, b, c = (m.eval()(input_ids=ids).logits for m in (from_pth, from_adapter, merged))
+        plain = AutoModelForCausalLM.from_pretrained(root / "models/base", dtype=torch.float32)(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert torch.allclose(b, c, atol=1e-4)
+    assert not torch.allclose(plain, c, atol=1e-4)  # the adapter did change the model
+    adapter = load_file(root / "models/adapter/adapter_model.safetensors")
+    assert any("lora_A" in k for k in adapter) and (root / "models/merged/chat_template.jinja").read_text() == (
+        root / "models/base/chat_template.jinja").read_text()
+
+
+def bad_checkpoint_cases(work):
+    good = torch.load(work / "iter_6.pth", weights_only=True)
+    (work / "iter_9.pth").write_bytes((work / "iter_6.pth").read_bytes()[:1000])
+    yield "iter_9.pth", {}, "not a readable tunedag checkpoint"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, work / "iter_9.pth")
+    yield "iter_9.pth", {}, "not a tunedag checkpoint"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > pwned.txt",))
+
+    torch.save({"format": "x", "evil": Evil()}, work / "iter_9.pth")
+    yield "iter_9.pth", {}, "not a readable tunedag checkpoint"
+    torch.save(good, work / "iter_9.pth")
+    yield "iter_9.pth", {"lora": {"r": 8}}, "r: checkpoint 4 vs params 8"
+    yield "iter_99.pth", {}, "checkpoint not found"
+
+
+def test_bad_checkpoints_are_refused_and_nothing_overwritten(tokenized, monkeypatch, capsys):
+    tokenized.run("train", monkeypatch)
+    tokenized.run("convert", monkeypatch)
+    root = tokenized.root
+    adapter_before = (root / "models/adapter/adapter_model.safetensors").read_bytes()
+    for name, extra, expected in bad_checkpoint_cases(root / "work"):
+        tokenized.set_params({"lora": {"r": 4}, "train": {"resume": None}, "convert": {"iter": "last"}, **extra})
+        step = name.removeprefix("iter_").removesuffix(".pth")
+        tokenized.set_params({"convert": {"iter": step}})
+        assert expected in tokenized.run_error("convert", monkeypatch, capsys)
+        tokenized.set_params({"convert": {"iter": "last"}, "train": {"resume": f"work/{name}"}})
+        assert expected in tokenized.run_error("train", monkeypatch, capsys)
+        assert (root / "models/adapter/adapter_model.safetensors").read_bytes() == adapter_before
+        assert (root / "work/iter_6.pth").exists()
+        assert not (root / "pwned.txt").exists()

@@ -96,13 +96,13 @@ def resume_path(params: Params) -> Path | None:
     return Path(params.train.resume)
 
 
-def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, params: Params) -> None:
+def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, scheduler, params: Params) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "adapter": adapter_signature(params),
         "lora": lora_state(model),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "order": {"seed": params.seed, "batch_size": params.train.batch_size, "accumulative_counts": params.train.accumulative_counts},
@@ -119,6 +119,11 @@ def main() -> None:
     cfg = params.train
     resume = resume_path(params)
     ckpt = load_checkpoint(resume, params) if resume else None  # check it before any work
+    if ckpt and cfg.deepspeed:
+        raise UserError(
+            "train.resume with train.deepspeed is not supported yet (ZeRO optimizer state is sharded). "
+            "Resume without DeepSpeed (train.deepspeed: null) or start fresh (train.resume: null)."
+        )
     if ckpt and ckpt["order"] != {"seed": params.seed, "batch_size": cfg.batch_size, "accumulative_counts": cfg.accumulative_counts}:
         raise UserError(
             f"{resume}: written with seed/batch_size/accumulative_counts {ckpt['order']}, which params.yaml "
@@ -211,7 +216,10 @@ def main() -> None:
                 for prompt, (answer, _) in zip(cfg.evaluation_inputs, answers):
                     tqdm.write(f"[step {done}] {prompt} -> {answer}")
             if done % cfg.save_steps == 0 or done == total_steps:
-                save_checkpoint(WORK_DIR / f"iter_{done}.pth", done, model, optimizer, scheduler, params)
+                # DeepSpeed's sharded optimizer state holds objects weights_only loading refuses, and
+                # resuming under DeepSpeed is refused above: its checkpoints carry the weights only.
+                optimizer_state = {} if engine else optimizer.state_dict()
+                save_checkpoint(WORK_DIR / f"iter_{done}.pth", done, model, optimizer_state, scheduler, params)
             live.make_summary()
     print(f"wrote {WORK_DIR}/iter_{total_steps}.pth")
 

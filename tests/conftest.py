@@ -105,13 +105,15 @@ class Workspace:
 
     def run_error(self, stage: str, monkeypatch, capsys) -> str:
         """Run a stage that must fail with a user error: return its stderr message."""
+        capsys.readouterr()  # drop what earlier stages printed
         with pytest.raises(SystemExit) as exit_info:
             self.run(stage, monkeypatch)
         assert exit_info.value.code == 1
         err = capsys.readouterr().err
-        assert err.startswith(f"error [{stage}]:"), err
         assert "Traceback" not in err
-        return err
+        message = err.strip().splitlines()[-1]  # one paragraph, last, after any progress output
+        assert message.startswith(f"error [{stage}]:"), err
+        return message
 
     def subprocess(self, stage: str, **kwargs) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": str(REPO)}

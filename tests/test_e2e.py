@@ -47,8 +47,9 @@ def clone(tmp_path_factory):
 def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
     first = run(["dvc", "repro"], clone, timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("base", "generate", "tokenize", "train", "convert", "merge"):
+    for stage in ("base", "generate", "tokenize", "train", "convert", "merge", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
+    assert json.loads((clone / "metrics/eval.json").read_text())["counts"]["identity_questions"] > 0
     assert (clone / "models/merged/model.safetensors").exists()
     assert json.loads((clone / "data/tokenized/stats.json").read_text())["train"]["rows"] > 0
 
@@ -56,6 +57,21 @@ def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Data and pipelines are up to date" in second.stdout
+
+    # An experiment on a training param reruns train and what follows, nothing upstream.
+    exp = run(["dvc", "exp", "run", "-S", "lora.r=8", "-n", "r8"], clone, timeout=1800)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    for stage in ("base", "generate", "tokenize"):
+        assert f"Running stage '{stage}'" not in exp.stdout
+    for stage in ("train", "convert", "merge", "evaluate"):
+        assert f"Running stage '{stage}'" in exp.stdout
+    table = json.loads(run(["dvc", "exp", "show", "--json"], clone).stdout)
+    experiments = [e for row in table for e in (row.get("experiments") or [])]
+    r8 = [e for e in experiments if e.get("name") == "r8"]
+    assert r8, table
+    revision = r8[0]["revs"][0]["data"]
+    assert revision["params"]["params.yaml"]["data"]["lora"]["r"] == 8
+    assert "identity_acc" in revision["metrics"]["metrics/eval.json"]["data"]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -31,6 +31,13 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
             name = fn.__module__.removeprefix("stages.")
             print(f"error [{name}]: {err}", file=sys.stderr)
             sys.exit(1)
+        except OSError as err:  # disk full, permissions, read-only file system: the user can fix these
+            if debug or err.filename is None:
+                raise
+            name = fn.__module__.removeprefix("stages.")
+            print(f"error [{name}]: {err.filename}: {err.strerror}. Check free disk space and permissions, "
+                  "then rerun (nothing partial was kept).", file=sys.stderr)
+            sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

@@ -112,6 +112,20 @@ class EvalParams(Section):
     max_ppl_drift: float = Field(ge=0.0)
 
 
+class ServeParams(Section):
+    mode: Literal["merged", "lora"] = Field(description="merged model, or base + adapter as a LoRA module")
+    backend: Literal["vllm", "hf"] = Field(description="vllm, or the documented fallback server")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    api_key: str | None
+    served_model_name: str = Field(min_length=1)
+    max_model_len: int = Field(ge=16)
+    force: bool = Field(description="serve a model that failed the evaluation gate")
+    # vLLM on CPU otherwise reserves 92% of the NUMA node's memory and refuses to start on a busy machine.
+    kv_cache_gib: float = Field(gt=0.0, le=1024.0, description="memory for vLLM's KV cache, GiB")
+    startup_timeout_s: int = Field(ge=1, description="how long to wait for /health before giving up")
+
+
 class Params(Section):
     seed: int = Field(ge=0, lt=2**32)
     threads: int = Field(ge=1, le=512, description="torch threads on CPU")
@@ -124,6 +138,7 @@ class Params(Section):
     convert: ConvertParams
     merge: MergeParams
     eval: EvalParams
+    serve: ServeParams
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":

@@ -12,6 +12,15 @@ class UserError(Exception):
     """A problem with the user's input (params, data, model, checkpoint): what, where, and the fix."""
 
 
+def _stage_name(fn: Callable) -> str:
+    # Under `python -m stages.x` the function's module is "__main__"; its spec keeps the real name.
+    module = fn.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec else module
+    return module.removeprefix("stages.")
+
+
 def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
     """Wrap a stage's main(): a UserError prints one paragraph to stderr and exits 1.
 
@@ -28,14 +37,12 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
         except UserError as err:
             if debug:
                 raise
-            name = fn.__module__.removeprefix("stages.")
-            print(f"error [{name}]: {err}", file=sys.stderr)
+            print(f"error [{_stage_name(fn)}]: {err}", file=sys.stderr)
             sys.exit(1)
         except OSError as err:  # disk full, permissions, read-only file system: the user can fix these
             if debug or err.filename is None:
                 raise
-            name = fn.__module__.removeprefix("stages.")
-            print(f"error [{name}]: {err.filename}: {err.strerror}. Check free disk space and permissions, "
+            print(f"error [{_stage_name(fn)}]: {err.filename}: {err.strerror}. Check free disk space and permissions, "
                   "then rerun (nothing partial was kept).", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:

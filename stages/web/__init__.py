@@ -1,0 +1,1 @@
+"""The web chat page: `python -m stages.web` (see __main__.py)."""

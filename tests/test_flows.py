@@ -1,0 +1,331 @@
+"""Prefect orchestration over dvc.yaml (flows/): real DVC and real Prefect on a toy DVC project whose
+stages take milliseconds, so the tests check the orchestration, not the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.experiment import experiment
+from flows.pipeline import pipeline, read_stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A diamond: prep -> (left, right) -> join. `fail: <stage>` in params.yaml makes that stage exit 3.
+TOY_STEP = '''\
+import sys, yaml
+name, out, *inputs = sys.argv[1:]
+params = yaml.safe_load(open("params.yaml"))
+print(f"{name}: start", flush=True)
+if params["fail"] == name:
+    print(f"{name}: failing on purpose", file=sys.stderr, flush=True)
+    sys.exit(3)
+text = "".join(open(i).read() for i in inputs) + f"{name}={params['value']}\\n"
+open(out, "w").write(text)
+print(f"{name}: wrote {out}", flush=True)
+if name == "join":
+    open("metrics.json", "w").write('{"score": 0.5}')
+'''
+TOY_PARAMS = "value: 1\nfail: none\ntrain:\n  max_steps: 3\n"
+TOY_DVC_YAML = textwrap.dedent("""\
+    stages:
+      prep:
+        cmd: python step.py prep prep.txt
+        deps: [step.py]
+        params: [value, train.max_steps]
+        outs: [prep.txt]
+      left:
+        cmd: python step.py left left.txt prep.txt
+        deps: [step.py, prep.txt]
+        outs: [left.txt]
+      right:
+        cmd: python step.py right right.txt prep.txt
+        deps: [step.py, prep.txt]
+        params: [fail]
+        outs: [right.txt]
+        meta:
+          prefect: {retries: 1, retry_delay_seconds: 0, tags: [toy]}
+      join:
+        cmd: python step.py join join.txt left.txt right.txt
+        deps: [step.py, left.txt, right.txt]
+        outs: [join.txt]
+        metrics:
+          - metrics.json: {cache: false}
+    """)
+STAGES = ["prep", "left", "right", "join"]
+
+
+def make_toy(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "step.py").write_text(TOY_STEP)
+    (root / "params.yaml").write_text(TOY_PARAMS)
+    (root / "dvc.yaml").write_text(TOY_DVC_YAML)
+    # What `dvc repro` would add, committed up front so the repo stays clean for `dvc exp run`.
+    (root / ".gitignore").write_text("/prep.txt\n/left.txt\n/right.txt\n/join.txt\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy"]):
+        subprocess.run(cmd, cwd=root, check=True)
+    return root
+
+
+@pytest.fixture
+def toy(tmp_path) -> Path:
+    return make_toy(tmp_path / "toy")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def task_runs(flow_run_id) -> dict:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def log_messages(flow_run_id) -> list[str]:
+    APILogHandler().flush()  # logs go to the API in batches: send them now
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def artifact(key: str, flow_run_id):
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                      flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert found, f"no artifact {key!r} on flow run {flow_run_id}"
+    return json.loads(found[0].data) if found[0].type == "table" else found[0].data
+
+
+def exp_show(root: Path) -> dict:
+    """{experiment name: params.yaml of it}, from `dvc exp show --json`."""
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, capture_output=True,
+                                      text=True, check=True).stdout)
+    return {rev["name"]: rev["data"]["params"]["params.yaml"]["data"]
+            for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
+
+
+# --- the DAG comes from dvc.yaml ----------------------------------------------------------------
+
+def test_stages_come_from_dvc_yaml_upstream_first(toy):
+    stages = read_stages(toy)
+    assert [stage.name for stage in stages] == STAGES
+    by_name = {stage.name: stage for stage in stages}
+    assert by_name["prep"].upstream == []
+    assert by_name["join"].upstream == ["left", "right"]
+    assert (by_name["right"].retries, by_name["right"].retry_delay_seconds, by_name["right"].tags) == (1, 0, ["toy"])
+    assert (by_name["left"].retries, by_name["left"].tags) == (0, [])
+    # a target brings its upstream, like `dvc repro right`
+    assert [stage.name for stage in read_stages(toy, ["right"])] == ["prep", "right"]
+
+
+# --- the pipeline flow --------------------------------------------------------------------------
+
+def test_pipeline_runs_stages_then_skips_them_all(toy, prefect_harness):
+    first = pipeline(repo_dir=str(toy), return_state=True)
+    assert first.is_completed(), first.message
+    assert first.result() == dict.fromkeys(STAGES, "ran")
+    assert (toy / "join.txt").read_text() == "prep=1\nleft=1\nprep=1\nright=1\njoin=1\n"
+    flow_run_id = first.state_details.flow_run_id
+    runs = task_runs(flow_run_id)
+    assert sorted(runs) == sorted(STAGES)
+    assert "toy" in runs["right"].tags and "dvc-stage" in runs["left"].tags
+    # the stage's own output, streamed into the Prefect log of its task
+    assert "right: wrote right.txt" in log_messages(flow_run_id)
+    assert artifact("tunedag-stages", flow_run_id) == [{"stage": s, "result": "ran"} for s in STAGES]
+    assert {"file": "metrics.json", "metric": "score", "value": 0.5} in artifact("tunedag-metrics", flow_run_id)
+
+    second = pipeline(repo_dir=str(toy), return_state=True)
+    assert second.result() == dict.fromkeys(STAGES, "skipped")
+    assert {run.state.name for run in task_runs(second.state_details.flow_run_id).values()} == {"Skipped"}
+
+
+def test_failing_stage_fails_the_flow_and_downstream_does_not_run(toy, prefect_harness):
+    (toy / "params.yaml").write_text(TOY_PARAMS.replace("fail: none", "fail: right"))
+    state = pipeline(repo_dir=str(toy), return_state=True)
+    assert state.is_failed()
+    assert "stage right failed; not run: join" in state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["right"].state.is_failed() and "exited with 3" in runs["right"].state.message
+    assert runs["right"].run_count == 2  # meta.prefect.retries: 1
+    assert runs["join"].state.name == "NotReady" and runs["join"].run_count == 0
+    assert runs["left"].state.is_completed()
+    assert not (toy / "join.txt").exists()
+
+
+# --- the experiment flow ------------------------------------------------------------------------
+
+def test_experiment_flow_is_a_dvc_experiment(toy, prefect_harness):
+    state = experiment(max_steps=7, overrides={"value": "5"}, name="exp-from-prefect", repo_dir=str(toy),
+                       return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["train.max_steps"] == 7
+    params = exp_show(toy)["exp-from-prefect"]
+    assert params["value"] == 5 and params["train"]["max_steps"] == 7
+    rows = artifact("tunedag-experiment", state.state_details.flow_run_id)
+    assert {"column": "metrics.json:score", "value": 0.5} in rows
+    assert (toy / "params.yaml").read_text() == TOY_PARAMS  # --temp: the workspace is untouched
+
+
+def add_untracked_dep(toy: Path) -> None:
+    """A new input of `prep` that git does not know (the temp experiment copy would lack it)."""
+    (toy / "extra.txt").write_text("new input")
+    (toy / "notes.txt").write_text("untracked, but no stage reads it")
+    (toy / "dvc.yaml").write_text(TOY_DVC_YAML.replace("deps: [step.py]", "deps: [step.py, extra.txt]", 1))
+
+
+def test_experiment_refuses_untracked_inputs_clearly(toy, prefect_harness):
+    add_untracked_dep(toy)
+    state = experiment(lora_r=4, repo_dir=str(toy), return_state=True)
+    assert state.is_failed()
+    assert "Untracked files that the pipeline reads" in state.message and "extra.txt" in state.message
+    assert "notes.txt" not in state.message
+    assert exp_show(toy) == {}
+
+
+# --- errors from the command line: one paragraph, exit 1, no traceback --------------------------
+
+def run_cli(module: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return subprocess.run([sys.executable, "-m", module], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**base, "PYTHONPATH": str(REPO), **env})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["no dvc", "server down", "untracked"])
+def test_cli_errors_are_one_clear_paragraph(case, toy):
+    if case == "no dvc":
+        # the venv's python, but a PATH without the venv's bin/ (where dvc lives)
+        result = run_cli("flows.pipeline", toy, PATH="/usr/bin:/bin")
+        expected = "The `dvc` command was not found on PATH"
+    elif case == "server down":
+        result = run_cli("flows.pipeline", toy, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
+        expected = "is unreachable"
+    else:
+        add_untracked_dep(toy)
+        result = run_cli("flows.experiment", toy)
+        expected = "Untracked files that the pipeline reads"
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+# --- a real `prefect server start`: REST API, UI, schedules, deployments --------------------------
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    """scripts/prefect-server.sh on a free port, with its database in a tmp PREFECT_HOME."""
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PORT": str(port), "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}  # default 60: schedule at once
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(["bash", str(REPO / "scripts" / "prefect-server.sh")], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).json() is True, 120, f"server: {log}")
+        assert f"export PREFECT_API_URL={api}" in log.read_text()
+        yield api
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def api_post(api: str, path: str, body: dict):
+    response = httpx.post(f"{api}{path}", json=body, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_real_server_runs_the_pipeline_and_the_ui_shows_it(real_server, toy, tmp_path):
+    result = run_cli("flows.pipeline", toy, PREFECT_API_URL=real_server)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [flow_run] = api_post(real_server, "/flow_runs/filter", {"flows": {"name": {"any_": ["tunedag-pipeline"]}},
+                                                            "flow_runs": {"deployment_id": {"is_null_": True}}})
+    assert flow_run["state"]["type"] == "COMPLETED"
+    tasks = api_post(real_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    assert sorted((t["name"], t["state"]["type"]) for t in tasks) == sorted((s, "COMPLETED") for s in STAGES)
+
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (bash scripts/install-system.sh); the UI check needs it")
+    shot, dom = tmp_path / "prefect-flow-run.png", tmp_path / "prefect-flow-run.html"
+    url = f"{real_server.removesuffix('/api')}/runs/flow-run/{flow_run['id']}"
+    subprocess.run(["bash", str(REPO / "scripts" / "screenshot-prefect.sh"), url, str(shot)], check=True,
+                   timeout=120, env={**os.environ, "DOM_OUT": str(dom)})
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 30_000
+    page = dom.read_text()
+    assert flow_run["name"] in page  # the run's page rendered, with data from the API ...
+    assert "dvc repro --single-item join" in page  # ... and the stages' logs
+    assert "Can't connect to Server API" not in page
+
+
+def test_deploy_serves_a_nightly_schedule_and_parametrised_experiments(real_server, toy):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_API_URL": real_server, "PYTHONPATH": str(REPO),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # default 10 s between looks for new runs
+    serving = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--repo-dir", str(toy)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def served():
+            found = {d["name"]: d for d in api_post(real_server, "/deployments/filter", {})}
+            return found if found.keys() >= {"nightly", "on-demand", "experiment", "sweep"} else None
+
+        deployments = wait_for(served, 90, "the served deployments")
+        nightly = deployments["nightly"]
+        assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        # the server's scheduler creates the upcoming nightly runs by itself
+        scheduled = wait_for(lambda: api_post(real_server, "/flow_runs/filter", {
+            "deployments": {"id": {"any_": [nightly["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}),
+            30, "scheduled runs")
+        assert all(run["expected_start_time"][11:16] == "03:00" for run in scheduled)
+
+        # a run with parameters, as from the UI's "Run" button, executes in the serving process
+        run = api_post(real_server, f"/deployments/{deployments['experiment']['id']}/create_flow_run",
+                       {"parameters": {"max_steps": 11, "name": "exp-from-ui"}})
+        final = wait_for(lambda: (s := httpx.get(f"{real_server}/flow_runs/{run['id']}").json()["state"])["type"]
+                         in ("COMPLETED", "FAILED", "CRASHED") and s, 120, "the experiment run")
+        assert final["type"] == "COMPLETED", final
+        assert exp_show(toy)["exp-from-ui"]["train"]["max_steps"] == 11
+    finally:
+        os.killpg(serving.pid, signal.SIGTERM)
+        serving.wait(timeout=30)

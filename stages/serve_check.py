@@ -3,7 +3,8 @@
 Reads models/merged, models/base's tokenizer (the one the tokenize stage used), metrics/eval.json
 (the gate), params data.name and serve.*. Writes metrics/serve.json (DVC metrics).
 
-1. Refuses a model that failed the evaluation gate unless serve.force is true.
+1. A model that failed the evaluation gate (and serve.force is false) is not served: the refusal
+   is recorded in metrics/serve.json ({"served": false, ...}) and the stage ends there.
 2. Starts the server (serve.backend, on a free port of serve.host) and records its start-up time.
 3. Template parity: the prompt tokens the server renders (its /tokenize endpoint, with `messages`)
    must equal what the tokenize stage produced for the same conversations, system-prompt policy
@@ -172,7 +173,14 @@ def main() -> None:
     from openai import OpenAI
 
     params = load_params()
-    require_gate(force=params.serve.force)
+    try:
+        require_gate(force=params.serve.force)
+    except UserError as refusal:
+        # A model below the gate is a legitimate outcome of the DAG, not a crash: record the refusal
+        # (dvc exp show lists it) and serve nothing. `python -m stages.serve` refuses it too.
+        write_json(METRICS, {"served": False, "refused": str(refusal)})
+        print(f"serve_check: NOT SERVED: {refusal}", flush=True)
+        return
     # Always the merged model (what this stage depends on), on a free port: a server the user
     # already runs on serve.port is left alone.
     spec = spec_from_params(params, mode="merged", port=free_port(params.serve.host))
@@ -195,6 +203,7 @@ def main() -> None:
             print(f"serve_check: concurrency {concurrency}: {run['tokens_per_s']} tok/s, "
                   f"p50 latency {run['latency_p50_s']} s", flush=True)
     write_json(METRICS, {
+        "served": True,
         "backend": spec.backend,
         "startup_s": round(server.startup_s, 1),
         "parity_conversations": checked,

@@ -1,4 +1,4 @@
-"""The real DAG on the real embedded SmolLM2, through `dvc repro`, in a fresh clone of this repo."""
+"""The real DAG on the real embedded SmolLM2, through `dvc repro`, in a fresh copy of this repo."""
 
 import json
 import os
@@ -45,7 +45,9 @@ def clone(tmp_path_factory):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
-    first = run(["dvc", "repro"], clone, timeout=1800)
+    # Up to evaluate: serve_check needs a model trained long enough to name itself (tests/test_serve.py
+    # covers serving on a tiny model).
+    first = run(["dvc", "repro", "evaluate"], clone, timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in ("base", "generate", "tokenize", "train", "convert", "merge", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
@@ -53,7 +55,7 @@ def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
     assert (clone / "models/merged/model.safetensors").exists()
     assert json.loads((clone / "data/tokenized/stats.json").read_text())["train"]["rows"] > 0
 
-    second = run(["dvc", "repro"], clone, timeout=600)
+    second = run(["dvc", "repro", "evaluate"], clone, timeout=600)
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Data and pipelines are up to date" in second.stdout

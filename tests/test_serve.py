@@ -206,8 +206,11 @@ def test_serve_refuses_a_model_that_failed_the_gate(workspace, monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["stages.serve", "--backend", "hf"])
     err = workspace.run_error("serve", monkeypatch, capsys)
     assert "failed the evaluation gate" in err and "leakage" in err and "--force" in err
+    # The check stage records the refusal instead of failing the DAG, and starts no server.
     monkeypatch.setattr(sys, "argv", ["stages.serve_check"])
-    assert "failed the evaluation gate" in workspace.run_error("serve_check", monkeypatch, capsys)
+    workspace.run("serve_check", monkeypatch)
+    record = json.loads((workspace.root / "metrics" / "serve.json").read_text())
+    assert record["served"] is False and "leakage 0.125" in record["refused"]
 
 
 def test_serve_forced_starts_prints_url_and_stops_on_sigterm(workspace, tiny_model):

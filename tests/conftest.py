@@ -43,16 +43,15 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
-    """A 2-layer, hidden-64 Llama with random weights and the real tokenizer, saved like models/base."""
+def build_tiny_llama(tokenizer_dir: Path, out: Path, hidden_size: int = 64) -> Path:
+    """A 2-layer Llama with random weights and the real tokenizer, saved like models/base."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
@@ -60,10 +59,15 @@ def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = [im_end]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out = tmp_path_factory.mktemp("tiny_base")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
+    """Hidden 64 (head size 16): a training step takes about a second."""
+    return build_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny_base"))
 
 
 TINY_PARAMS = {

@@ -23,6 +23,7 @@ import pytest
 from stages.common.errors import UserError
 from stages.serve import Server, ServerSpec, free_port
 from stages.serve_check import PARITY_CONVERSATIONS, check_template_parity
+from tests.conftest import build_tiny_llama
 
 NAME = "tiny"
 KEY = "test-key"
@@ -31,25 +32,8 @@ MAX_LEN = 256
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer_dir, tmp_path_factory) -> Path:
-    """A random 2-layer Llama with head size 64 (vLLM's CPU attention does not take conftest's 16)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = [im_end]
-    out = tmp_path_factory.mktemp("tiny_serve")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    """Hidden 256 / 4 heads = head size 64: vLLM's CPU attention does not take conftest's 16."""
+    return build_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny_serve"), hidden_size=256)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from stages.common.errors import UserError, stage_main
+from stages.common.errors import UserError, command_main
 from stages.common.params import load_params
 
 Generate = Callable[[list[dict]], Iterator[str]]
@@ -100,7 +100,7 @@ def chat_loop(generate: Generate, system: str | None, read: Callable[[str], str]
         messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
-@stage_main
+@command_main
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

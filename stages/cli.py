@@ -1,4 +1,4 @@
-"""The `tunedag` command: small helpers around the pipeline (`tunedag presets`)."""
+"""The `tunedag` command: small helpers around the pipeline (`tunedag presets`, `tunedag verify`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tunedag", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("presets", help="list model presets (params.yaml: model.preset)")
+    verify = commands.add_parser("verify", help="rebuild from scratch and compare with dvc.lock (python -m stages.verify)")
+    verify.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "presets":
         list_presets()
+    elif args.command == "verify":
+        from stages import verify as verify_command
+
+        verify_command.main(args.args)
 
 
 if __name__ == "__main__":

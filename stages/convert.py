@@ -1,6 +1,6 @@
 """Stage `convert` (XTuner's `pth_to_hf`): a training checkpoint -> a PEFT adapter folder.
 
-Reads work/iter_N.pth (convert.iter: last | N), params model.preset, lora.*.
+Reads work/iter_N.pth (convert.iter: last | N), models/base/config.json, params model.*, lora.*.
 Writes models/adapter/ (adapter_config.json + adapter_model.safetensors), loadable by
 `PeftModel.from_pretrained` and by vLLM's LoRA loader.
 """
@@ -13,10 +13,11 @@ from safetensors.torch import save_file
 
 from stages.common.errors import UserError, stage_main
 from stages.common.io import atomic_dir
-from stages.common.lora import list_checkpoints, load_checkpoint, lora_config
+from stages.common.lora import check_lora_fits, list_checkpoints, load_checkpoint, lora_config, lora_shapes
 from stages.common.params import load_params
 from stages.common.presets import get_preset
 
+BASE_DIR = "models/base"  # its config only: the shapes the adapter must have
 WORK_DIR = Path("work")
 OUT_DIR = "models/adapter"
 
@@ -32,9 +33,13 @@ def main() -> None:
     else:
         path = WORK_DIR / f"iter_{params.convert.iter}.pth"
     ckpt = load_checkpoint(path, params)
+    check_lora_fits(ckpt["lora"], lora_shapes(BASE_DIR, params), str(path))
 
     config = lora_config(params)
     config.base_model_name_or_path = get_preset(params.model.preset).hub_id
+    # peft keeps target_modules as a set, whose order changes with Python's hash seed: sort it so
+    # adapter_config.json is byte-identical across runs (stages.verify found this).
+    config.target_modules = sorted(config.target_modules)
     # Plain, contiguous tensors: safetensors refuses views/shared storage.
     tensors = {name: t.contiguous() for name, t in ckpt["lora"].items()}
     with atomic_dir(OUT_DIR) as tmp:

@@ -68,6 +68,13 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: in
     return math.exp(total / max(count, 1))
 
 
+def held_out_prompts(val: list[dict]) -> tuple[list[str], list[str]]:
+    """Unique held-out identity questions and general prompts, in file order (each phrasing counts once)."""
+    identity = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "identity"))
+    general = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] in ("replay", "user")))
+    return identity, general
+
+
 def score(
     generate: Callable[[list[str]], list[str]],
     identity_questions: list[str],
@@ -108,10 +115,8 @@ def main() -> None:
     setup(params)
     cfg, data = params.eval, params.data
     val = read_jsonl(VAL_FILE)
-    # Unique prompts, in file order: each held-out phrasing counts once.
-    identity_questions = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "identity"))
+    identity_questions, general_prompts = held_out_prompts(val)
     general = [r["messages"] for r in val if r["kind"] in ("replay", "user")]
-    general_prompts = list(dict.fromkeys(m[-2]["content"] for m in general))
     if not identity_questions or not general:
         raise UserError(
             f"{VAL_FILE} has no held-out identity questions or general conversations to evaluate. Set "

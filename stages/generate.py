@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stages.common.chat import read_conversations, read_pretrain_text
 from stages.common.generation import chat_generate
-from stages.common.io import read_yaml, write_jsonl
+from stages.common.io import atomic_dir, read_yaml, write_jsonl
 from stages.common.errors import stage_main
 from stages.common.models import load_model, load_tokenizer
 from stages.common.params import DataParams, load_params
@@ -102,8 +102,9 @@ def main() -> None:
             val += replay_conversations(general["val"], data, model, tokenizer)
 
     rng.shuffle(train)
-    write_jsonl(OUT_DIR / "train.jsonl", train)
-    write_jsonl(OUT_DIR / "val.jsonl", val)
+    with atomic_dir(OUT_DIR) as tmp:  # both files or neither
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "val.jsonl", val)
     kinds = {k: sum(r["kind"] == k for r in train) for k in ("identity", "replay", "user", "text")}
     print(f"wrote {OUT_DIR}/train.jsonl ({len(train)}: {kinds}) and val.jsonl ({len(val)})")
 

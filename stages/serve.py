@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common.errors import UserError, stage_main
+from stages.common.errors import UserError, command_main
 from stages.common.gate import EVAL_METRICS, require_gate
 from stages.common.params import Params, load_params
 
@@ -241,7 +241,7 @@ def run(spec: ServerSpec, force: bool, gate_file: Path = EVAL_METRICS) -> int:
         server.stop()
 
 
-@stage_main
+@command_main
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

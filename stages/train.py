@@ -2,7 +2,8 @@
 
 Reads models/base, data/tokenized, params seed, threads, model.*, lora.*, train.*.
 Writes work/iter_N.pth every train.save_steps and at the end (LoRA weights + optimizer, scheduler,
-RNG state and step: everything exact resume needs), and dvclive metrics in metrics/train/.
+RNG state and step: everything exact resume needs), dvclive metrics in metrics/train/ (byte-identical
+across reruns) and the wall-clock throughput in metrics/train_speed.json (the one output that is not).
 
 The loss of an optimizer step is the mean over *all* label tokens of its accumulated micro-batches,
 so batch_size x accumulative_counts trains exactly like one big batch.
@@ -25,7 +26,7 @@ from stages.common.batching import collate
 from stages.common.chat import IGNORE_INDEX
 from stages.common.errors import UserError, stage_main
 from stages.common.generation import chat_generate
-from stages.common.io import atomic_file
+from stages.common.io import atomic_file, write_json
 from stages.common.lora import (
     CHECKPOINT_FORMAT,
     add_lora,
@@ -43,7 +44,8 @@ from stages.common.runtime import setup, train_dtype
 BASE_DIR = "models/base"
 DATA_DIR = "data/tokenized"
 WORK_DIR = Path("work")
-METRICS_DIR = "metrics/train"
+METRICS_DIR = Path("metrics/train")
+SPEED_METRICS = Path("metrics/train_speed.json")
 
 
 def sample_order(n_rows: int, seed: int, epochs: int) -> list[int]:
@@ -94,6 +96,19 @@ def resume_path(params: Params) -> Path | None:
         checkpoints = list_checkpoints(WORK_DIR)
         return checkpoints[-1] if checkpoints else None
     return Path(params.train.resume)
+
+
+def trim_metric_history(metrics_dir: Path, last_step: int) -> None:
+    """Before resuming, drop the dvclive rows a killed run logged after its last checkpoint, so the
+    resumed history equals an uninterrupted one (dvclive would append them a second time). The
+    summary goes too: the kill may have cut it mid-write, and every step rewrites it anyway."""
+    (metrics_dir / "metrics.json").unlink(missing_ok=True)
+    for tsv in (metrics_dir / "plots").rglob("*.tsv"):
+        header, *rows = tsv.read_text(encoding="utf-8").splitlines()
+        # Rows up to the checkpoint's step were complete before it was saved; a row cut by the kill is later.
+        kept = [row for row in rows if int(row.split("\t", 1)[0]) <= last_step]
+        with atomic_file(tsv) as fh:
+            fh.write("\n".join([header, *kept]) + "\n")
 
 
 def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, scheduler, params: Params) -> None:
@@ -167,6 +182,7 @@ def main() -> None:
         for stale in list_checkpoints(WORK_DIR):  # later checkpoints belong to the run being replaced
             if checkpoint_step(stale) > start:
                 stale.unlink()
+        trim_metric_history(METRICS_DIR, start)
         print(f"resumed from {resume} at step {start}")
     else:
         shutil.rmtree(WORK_DIR, ignore_errors=True)  # a fresh run: no stale iter_N.pth from older runs
@@ -175,7 +191,8 @@ def main() -> None:
     n_trainable = sum(p.numel() for p in trainable)
     print(f"training {n_trainable / 1e6:.2f}M LoRA params ({params.lora.quant}, {dtype}, {device}) for "
           f"{total_steps} steps of {rows_per_step} rows ({len(train_rows)} rows/epoch)")
-    with Live(METRICS_DIR, resume=ckpt is not None, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    tokens_done, labels_done, train_seconds = 0, 0, 0.0
+    with Live(str(METRICS_DIR), resume=ckpt is not None, save_dvc_exp=False, dvcyaml=None, report=None) as live:
         live.log_params({"trainable_params": n_trainable, "total_steps": total_steps})
         progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", unit="step")
         for step in progress:
@@ -202,13 +219,13 @@ def main() -> None:
             scheduler.step()
 
             done = step + 1
-            tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
-            tokens_per_s = tokens / (time.perf_counter() - began)
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            seconds = time.perf_counter() - began
+            tokens = sum(len(train_rows[i]["input_ids"]) for i in indices)  # real tokens, padding not counted
+            tokens_done, labels_done, train_seconds = tokens_done + tokens, labels_done + n_labels, train_seconds + seconds
+            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / seconds:.0f}")
             live.step = done
             live.log_metric("train/loss", loss_value)
             live.log_metric("train/lr", scheduler.get_last_lr()[0])
-            live.log_metric("train/tokens_per_s", tokens_per_s, plot=False)
             if done % cfg.evaluation_freq == 0 or done == total_steps:
                 val_loss = validation_loss(model, val_rows, tokenizer.pad_token_id, dtype, device, cfg.batch_size)
                 live.log_metric("val/loss", val_loss)
@@ -221,6 +238,13 @@ def main() -> None:
                 optimizer_state = {} if engine else optimizer.state_dict()
                 save_checkpoint(WORK_DIR / f"iter_{done}.pth", done, model, optimizer_state, scheduler, params)
             live.make_summary()
+    # Wall-clock numbers differ on every run: kept out of the dvclive files so those stay reproducible.
+    write_json(SPEED_METRICS, {
+        "steps": total_steps - start,
+        "seconds": round(train_seconds, 2),
+        "tokens_per_s": round(tokens_done / max(train_seconds, 1e-9), 1),
+        "label_tokens_per_s": round(labels_done / max(train_seconds, 1e-9), 1),
+    })
     print(f"wrote {WORK_DIR}/iter_{total_steps}.pth")
 
 

@@ -97,6 +97,18 @@ class Workspace:
         self.params = yaml.safe_load((REPO / "params.yaml").read_text())
         self.set_params(TINY_PARAMS)
 
+    @classmethod
+    def at(cls, root: Path) -> "Workspace":
+        """An existing workspace (e.g. a copy of a prepared one)."""
+        workspace = cls.__new__(cls)
+        workspace.root = root
+        workspace.params = yaml.safe_load((root / "params.yaml").read_text())
+        return workspace
+
+    def copy_to(self, root: Path) -> "Workspace":
+        shutil.copytree(self.root, root)
+        return Workspace.at(root)
+
     def set_params(self, extra: dict) -> None:
         self.params = merge_dicts(self.params, extra)
         (self.root / "params.yaml").write_text(yaml.safe_dump(self.params, allow_unicode=True))
@@ -127,6 +139,44 @@ class Workspace:
 @pytest.fixture
 def workspace(tmp_path, tiny_base) -> Workspace:
     return Workspace(tmp_path, tiny_base)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, tiny_base) -> Workspace:
+    """A workspace where generate, tokenize, train and convert have run (work/iter_3 and iter_6).
+    Shared: tests take a copy (prepared.copy_to)."""
+    workspace = Workspace(tmp_path_factory.mktemp("prepared"), tiny_base)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for stage in ("generate", "tokenize", "train", "convert"):
+            workspace.run(stage, monkeypatch)
+    return workspace
+
+
+def run_cmd(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command (dvc, git, python -m ...) with this venv's tools first on PATH, capturing output."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+
+
+def make_project(root: Path, params: dict) -> Path:
+    """A copy of this repo's working tree (committed or not) as a fresh git repo with `params` merged
+    into params.yaml: what a teammate gets from `git clone`."""
+    files = run_cmd(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    merged = merge_dicts(yaml.safe_load((root / "params.yaml").read_text()), params)
+    (root / "params.yaml").write_text(yaml.safe_dump(merged, allow_unicode=True, sort_keys=False))
+    git_commit(root, "init", init=True)
+    return root
+
+
+def git_commit(root: Path, message: str, init: bool = False) -> None:
+    for cmd in ([["git", "init", "-q"]] if init else []) + [
+            ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message]]:
+        result = run_cmd(cmd, root)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def tree_files(root: Path) -> dict[str, bytes]:

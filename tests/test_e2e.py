@@ -1,17 +1,10 @@
 """The real DAG on the real embedded SmolLM2, through `dvc repro`, in a fresh copy of this repo."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 
-from tests.conftest import REPO, merge_dicts
+from tests.conftest import make_project, run_cmd as run
 
 SMALL = {
     "data": {"identity_samples": 16, "val_identity_samples": 4, "replay_ratio": 0.25, "replay_max_new_tokens": 24},
@@ -21,26 +14,10 @@ SMALL = {
 }
 
 
-def run(cmd, cwd, **kw):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
-
-
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """A fresh clone of the working tree (committed or not), as a teammate would get it."""
-    root = tmp_path_factory.mktemp("clone") / "repo"
-    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    params = merge_dicts(yaml.safe_load((root / "params.yaml").read_text()), SMALL)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
-        assert run(cmd, root).returncode == 0
-    return root
+    return make_project(tmp_path_factory.mktemp("clone") / "repo", SMALL)
 
 
 @pytest.mark.slow

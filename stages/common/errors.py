@@ -21,28 +21,29 @@ def _stage_name(fn: Callable) -> str:
     return module.removeprefix("stages.")
 
 
-def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a stage's main(): a UserError prints one paragraph to stderr and exits 1.
+def command_main(fn: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a command's main(): a UserError prints one paragraph to stderr and exits 1.
 
     `--debug` on the command line or TUNEDAG_DEBUG=1 re-raises so the traceback is shown.
     """
 
     @functools.wraps(fn)
-    def wrapper() -> None:
+    def wrapper(*args, **kwargs) -> None:
         debug = "--debug" in sys.argv or os.environ.get("TUNEDAG_DEBUG") == "1"
         if "--debug" in sys.argv:
             sys.argv.remove("--debug")
         try:
-            fn()
+            fn(*args, **kwargs)
         except UserError as err:
             if debug:
                 raise
             print(f"error [{_stage_name(fn)}]: {err}", file=sys.stderr)
             sys.exit(1)
         except OSError as err:  # disk full, permissions, read-only file system: the user can fix these
-            if debug or err.filename is None:
+            if debug:
                 raise
-            print(f"error [{_stage_name(fn)}]: {err.filename}: {err.strerror}. Check free disk space and permissions, "
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"error [{_stage_name(fn)}]: {where}{err.strerror or err}. Check free disk space and permissions, "
                   "then rerun (nothing partial was kept).", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -50,3 +51,16 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
             sys.exit(130)
 
     return wrapper
+
+
+def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
+    """command_main for a DVC stage: on success it also records env/<stage>.json (what produced it)."""
+
+    @functools.wraps(fn)
+    def run_stage() -> None:
+        fn()
+        from stages.common import environment  # imports torch: only once the stage has run
+
+        environment.record(_stage_name(fn))
+
+    return command_main(run_stage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def list_checkpoints(work_dir: str | Path) -> list[Path]:
     return sorted(paths, key=checkpoint_step)
 
 
+CHECKPOINT_FIX = ("Point train.resume / convert.iter (params.yaml) at another work/iter_N.pth written by the train "
+                  "stage, or retrain from scratch (train.resume: null).")
+
+
 def load_checkpoint(path: str | Path, params: Params) -> dict:
     """Read and check a checkpoint: weights_only=True (no pickled code), our format, our adapter shape."""
     path = Path(path)
@@ -68,16 +73,18 @@ def load_checkpoint(path: str | Path, params: Params) -> dict:
         raise UserError(f"{path}: checkpoint not found. Check train.resume / convert.iter in params.yaml and work/.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, a pickle with code in it, not a torch file at all
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError as exc:  # weights_only refused an object: unpickling it could run code
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise UserError(
-            f"{path}: not a readable tunedag checkpoint ({reason}). It may be truncated or not from tunedag; "
-            "delete it and resume from an earlier iter_N.pth, or retrain (train.resume: null)."
+            f"{path}: refused: the file holds pickled Python objects ({found[1] if found else 'not plain tensors'}), "
+            f"and loading those could run code. tunedag only loads plain tensors (weights_only=True). {CHECKPOINT_FIX}"
         ) from None
+    except Exception as exc:  # truncated zip, not a torch file at all
+        reason = str(exc).strip().split(". ")[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable tunedag checkpoint ({reason}); it may be truncated. {CHECKPOINT_FIX}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
-            f"{path}: not a tunedag checkpoint (expected format {CHECKPOINT_FORMAT!r}). Point train.resume / "
-            "convert.iter at a work/iter_N.pth written by the train stage."
+            f"{path}: not a tunedag checkpoint (expected format {CHECKPOINT_FORMAT!r}). {CHECKPOINT_FIX}"
         )
     expected, found = adapter_signature(params), ckpt["adapter"]
     diffs = [f"{k}: checkpoint {found.get(k)!r} vs params {v!r}" for k, v in expected.items() if found.get(k) != v]
@@ -93,11 +100,29 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def lora_shapes(base_dir: str | Path, params: Params) -> dict[str, torch.Size]:
+    """The LoRA tensors (name -> shape) that the model in base_dir takes, from its config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = params.model.trust_remote_code
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust)
+    with torch.device("meta"):  # shapes only: no memory used, no weights read
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    return {name: t.shape for name, t in get_peft_model_state_dict(add_lora(model, params)).items()}
+
+
+def check_lora_fits(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], where: str) -> None:
+    wrong = [f"size mismatch for {k}: {tuple(v.shape)} in the checkpoint, {tuple(shapes[k])} in the model"
+             for k, v in state.items() if k in shapes and v.shape != shapes[k]]
+    if wrong:
+        raise UserError(f"{where}: LoRA weights do not fit the model ({wrong[0]}). Was it trained on another "
+                        f"base model? {CHECKPOINT_FIX}")
+    unknown = sorted(state.keys() - shapes.keys())
+    if unknown:
+        raise UserError(f"{where}: LoRA weights for modules the model does not have: {unknown[:3]}. "
+                        f"Check lora.target_modules and model.preset. {CHECKPOINT_FIX}")
+
+
 def load_lora_state(model, state: dict[str, torch.Tensor], where: str) -> None:
-    try:
-        result = set_peft_model_state_dict(model, state)
-    except RuntimeError as exc:  # shape mismatch
-        raise UserError(f"{where}: LoRA weights do not fit the model ({str(exc).splitlines()[0][:200]}).") from None
-    missing = [k for k in result.unexpected_keys]
-    if missing:
-        raise UserError(f"{where}: LoRA weights for modules the model does not have: {missing[:3]}.")
+    check_lora_fits(state, {name: t.shape for name, t in get_peft_model_state_dict(model).items()}, where)
+    set_peft_model_state_dict(model, state)

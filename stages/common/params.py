@@ -7,7 +7,7 @@ params.yaml is the one place where values live.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,7 @@ from stages.common.errors import UserError
 from stages.common.io import read_yaml
 
 PARAMS_FILE = "params.yaml"
+USER_DATA_DIR = "user_data"  # data.user_files live here: a dependency of generate in dvc.yaml
 
 
 class Section(BaseModel):
@@ -47,6 +48,18 @@ class DataParams(Section):
     replay_batch_size: int = Field(ge=1)
     user_files: list[str]
     user_val_fraction: float = Field(ge=0.0, lt=1.0)
+
+    @field_validator("user_files")
+    @classmethod
+    def _inside_user_data(cls, files: list[str]) -> list[str]:
+        for name in files:
+            path = PurePosixPath(name)
+            if path.is_absolute() or ".." in path.parts or path.parts[:1] != (USER_DATA_DIR,):
+                raise ValueError(
+                    f"{name!r} must be inside {USER_DATA_DIR}/ (generate's declared input in dvc.yaml, so DVC "
+                    f"reruns the pipeline when the file changes); move it there"
+                )
+        return files
 
     @field_validator("name", "owner")
     @classmethod
@@ -179,5 +192,5 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
         raw = read_yaml(path)
     except Exception as exc:  # yaml.YAMLError and decoding errors
-        raise UserError(f"{path} is not valid YAML ({exc}). Fix the syntax and rerun.") from None
+        raise UserError(f"{path} is not valid YAML ({' '.join(str(exc).split())}). Fix the syntax and rerun.") from None
     return parse_params(raw, str(path))

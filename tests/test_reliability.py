@@ -1,0 +1,212 @@
+"""Reproducibility and faults through real DVC, git and subprocesses, on the tiny model:
+a teammate's clone + `dvc pull`, `stages.verify`, two `dvc repro` at once, kill -9 while convert or
+merge writes, and write errors (a full disk, simulated with RLIMIT_FSIZE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, TINY_PARAMS, git_commit, make_project, merge_dicts, run_cmd, tree_files
+
+STAGES = ["base", "generate", "tokenize", "train", "convert", "merge", "evaluate"]
+UP_TO_DATE = "Data and pipelines are up to date"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_base) -> Path:
+    """Alice's project: the tiny model through the whole DAG with `dvc repro`, committed."""
+    # General conversations from a user file: the tiny random model's own replay answers are noise.
+    params = merge_dicts(TINY_PARAMS, {"model": {"source": str(tiny_base)},
+                                       "data": {"user_files": ["user_data/general.jsonl"], "user_val_fraction": 0.25}})
+    root = make_project(tmp_path_factory.mktemp("team") / "alice", params)
+    (root / "user_data/general.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
+        for i in range(16)))
+    repro = run_cmd(["dvc", "repro", "evaluate"], root, timeout=1800)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    git_commit(root, "trained")
+    return root
+
+
+def lock_md5(root: Path, stage: str, out: str) -> str:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
+
+
+def dvc_status(root: Path, stage: str) -> str:
+    status = run_cmd(["dvc", "status", stage], root)
+    assert status.returncode == 0, status.stderr
+    return status.stdout
+
+
+def test_teammate_clones_pulls_and_everything_is_up_to_date(project):
+    push = run_cmd(["dvc", "push"], project, timeout=600)
+    assert push.returncode == 0, push.stderr
+    assert (project.parent / "tunedag-storage/files/md5").is_dir()  # the default remote: a sibling folder
+
+    bob = project.parent / "bob"
+    assert run_cmd(["git", "clone", "-q", str(project), str(bob)], project.parent).returncode == 0
+    assert not (bob / "models").exists()
+    pull = run_cmd(["dvc", "pull"], bob, timeout=600)
+    assert pull.returncode == 0, pull.stderr
+    assert UP_TO_DATE in dvc_status(bob, "evaluate")
+    repro = run_cmd(["dvc", "repro", "evaluate"], bob, timeout=600)
+    assert repro.returncode == 0 and UP_TO_DATE in repro.stdout and "Running stage" not in repro.stdout
+    for artifact in ("models/merged", "models/adapter", "work", "data/tokenized", "metrics/train", "env"):
+        assert tree_files(bob / artifact) == tree_files(project / artifact), artifact
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bob / "models/merged")
+    model = AutoModelForCausalLM.from_pretrained(bob / "models/merged", dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_verify_rebuilds_byte_identical_and_reports_a_mismatch(project, tmp_path):
+    report = tmp_path / "verify.json"
+    ok = run_cmd([sys.executable, "-m", "stages.verify", "--json", str(report)], project, timeout=1800)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    rows = json.loads(report.read_text())
+    assert sorted({r["stage"] for r in rows}) == sorted(STAGES)
+    assert [r["output"] for r in rows if r["result"] != "match"] == ["metrics/train_speed.json"]  # volatile
+    assert {f"env/{s}.json" for s in STAGES} <= {r["output"] for r in rows}
+    assert "0 mismatch" in ok.stdout
+
+    # A lock that does not describe the project any more: the seed changed, nothing was rerun.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "seed": params["seed"] + 1}))
+    try:
+        bad = run_cmd([sys.executable, "-m", "stages.verify", "generate", "--json", str(report)], project, timeout=1800)
+    finally:
+        run_cmd(["git", "checkout", "HEAD", "--", "params.yaml"], project)
+    assert bad.returncode == 1
+    rows = {r["output"]: r for r in json.loads(report.read_text())}
+    assert rows["models/base"]["result"] == "match"
+    assert rows["data/raw"]["result"] == "MISMATCH" and "train.jsonl" in rows["data/raw"]["differing_files"]
+    assert "environment is identical" in bad.stdout
+
+
+def test_a_second_dvc_repro_is_refused_while_the_first_runs(project, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(merge_dicts(params, {"train": {"lr": 0.002}})))
+    log = tmp_path / "first.log"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with open(log, "w") as fh:
+        first = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=project, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while "Running stage 'train'" not in log.read_text() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_cmd(["dvc", "repro", "evaluate"], project, timeout=600)
+        assert first.poll() is None, "the first repro ended before the second started: the test proved nothing"
+        assert second.returncode != 0
+        # DVC's lock message: the outputs are busy, held by the first `dvc repro` (its PID and command).
+        assert "is busy, it is being blocked by" in second.stderr and "dvc repro evaluate" in second.stderr, second.stderr
+        assert first.wait(timeout=1200) == 0, log.read_text()[-3000:]
+        output = log.read_text()
+        for stage in ("train", "convert", "merge", "evaluate"):
+            assert output.count(f"Running stage '{stage}'") == 1
+        assert UP_TO_DATE in dvc_status(project, "evaluate")
+    finally:
+        first.kill()
+        first.wait()  # reaped: DVC frees the locks of processes that are gone
+        # Back to the committed state (dvc's autostage staged the new lock and metrics), then its outputs.
+        assert run_cmd(["git", "reset", "-q", "--hard", "HEAD"], project).returncode == 0
+        assert run_cmd(["dvc", "checkout", "--force"], project).returncode == 0
+    assert UP_TO_DATE in dvc_status(project, "evaluate")
+
+
+def run_and_kill(project: Path, stage: str, when) -> bool:
+    """`dvc repro --force` one stage and kill -9 its whole process group (dvc and the stage) once
+    `when()` is true. False if the stage finished first."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = ["dvc", "repro", "--force", "--no-run-cache", "--single-item", stage]
+    proc = subprocess.Popen(cmd, cwd=project, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        if when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def assert_recovers(project: Path, stage: str, output: str, recorded: str) -> None:
+    """After a kill: no output DVC would accept, then a rerun equal to the uninterrupted one."""
+    assert not (project / output).exists()  # DVC removed the old one first; the partial one was never renamed in
+    assert UP_TO_DATE not in dvc_status(project, stage)
+    repro = run_cmd(["dvc", "repro", "evaluate"], project, timeout=1200)
+    assert repro.returncode == 0, repro.stderr[-3000:]
+    assert lock_md5(project, stage, output) == recorded
+    assert not list(project.glob(f"{Path(output).parent}/.{Path(output).name}.tmp-*")), "temp output left behind"
+    assert UP_TO_DATE in dvc_status(project, "evaluate")
+
+
+def test_kill_while_merge_writes_leaves_nothing_taken_as_valid(project):
+    recorded = lock_md5(project, "merge", "models/merged")
+    partial = lambda: [p for p in project.glob("models/.merged.tmp-*") if any(p.iterdir())]
+    assert any(run_and_kill(project, "merge", partial) for _ in range(3)), "merge was never caught mid-write"
+    assert partial(), "the kill came after the temp output was gone"
+    # The next stage refuses what is not there rather than reading the partial model.
+    evaluate = run_cmd([sys.executable, "-m", "stages.evaluate"], project)
+    assert evaluate.returncode == 1 and "Traceback" not in evaluate.stderr, evaluate.stderr[-2000:]
+    assert "models/merged" in evaluate.stderr.strip().splitlines()[-1]
+    assert_recovers(project, "merge", "models/merged", recorded)
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 1.5, 3.0])
+def test_kill_during_convert_at_several_points(project, delay_s):
+    """convert's write lasts milliseconds on the tiny model, so it is killed at several points of
+    its run instead (it writes through the same atomic_dir that the merge test catches mid-write)."""
+    recorded = lock_md5(project, "convert", "models/adapter")
+    started: list[float] = []
+
+    def after_delay() -> bool:
+        if not started and not (project / "models/adapter").exists():  # DVC removed it: the stage starts
+            started.append(time.time())
+        return bool(started) and time.time() - started[0] > delay_s
+
+    if not run_and_kill(project, "convert", after_delay):
+        pytest.fail(f"convert finished within {delay_s} s of starting: pick a shorter delay")
+    assert_recovers(project, "convert", "models/adapter", recorded)
+
+
+def limit_file_size(max_bytes: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+
+@pytest.mark.parametrize("stage, output, limit", [
+    ("train", "work/iter_3.pth", 20_000),        # torch.save into our atomic file
+    ("merge", "models/merged", 1_000_000),        # safetensors' own writer
+])
+def test_a_full_disk_gives_a_clear_error_and_no_partial_output(prepared, tmp_path, stage, output, limit):
+    workspace = prepared.copy_to(tmp_path / "ws")
+    before = tree_files(workspace.root)
+    proc = workspace.subprocess(stage, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=limit_file_size(limit))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-2000:]
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"error [{stage}]: {output}: File too large. Check free disk space"), message
+    after = tree_files(workspace.root)
+    if stage == "train":  # a fresh run clears work/ and metrics first; nothing half-written is left
+        assert not [name for name in after if name.startswith("work/")], sorted(after)
+    else:
+        assert after == before
+    assert not [p for p in workspace.root.rglob(".*.tmp-*")], "temp output left behind"

@@ -62,8 +62,9 @@ def test_evaluate_stage_on_the_tiny_model(workspace, monkeypatch):
 
     chats = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
                            {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]} for i in range(10)]
-    (workspace.root / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
-    workspace.set_params({"data": {"user_files": ["chats.jsonl"], "user_val_fraction": 0.5}})
+    (workspace.root / "user_data").mkdir()
+    (workspace.root / "user_data/chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    workspace.set_params({"data": {"user_files": ["user_data/chats.jsonl"], "user_val_fraction": 0.5}})
     workspace.run("generate", monkeypatch)
 
     shutil.copytree(workspace.root / "models/base", workspace.root / "models/merged")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def trim_metric_history(metrics_dir: Path, last_step: int) -> None:
             fh.write("\n".join([header, *kept]) + "\n")
 
 
+def canonical(obj):
+    """Rebuild containers and intern strings, so equal checkpoints pickle to equal bytes. Pickle
+    memoizes by object identity: a resumed run's optimizer keys come from unpickling, not from the
+    same string objects a fresh run uses, which changed the bytes (not the values) of its iter_N.pth."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {canonical(k): canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(canonical(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, scheduler, params: Params) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -123,7 +137,7 @@ def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, schedul
         "order": {"seed": params.seed, "batch_size": params.train.batch_size, "accumulative_counts": params.train.accumulative_counts},
     }
     with atomic_file(path, "wb") as fh:  # a kill mid-write never leaves a truncated iter_N.pth
-        torch.save(state, fh)
+        torch.save(canonical(state), fh)
 
 
 @stage_main

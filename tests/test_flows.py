@@ -272,7 +272,12 @@ def wait_for(check, timeout: float, what: str):
 
 
 def api_post(api: str, path: str, body: dict):
-    response = httpx.post(f"{api}{path}", json=body, timeout=10)
+    # Like Prefect's own client, retry a 503: a busy server's SQLite answers it while locked.
+    for attempt in range(5):
+        response = httpx.post(f"{api}{path}", json=body, timeout=10)
+        if response.status_code != 503:
+            break
+        time.sleep(2 ** attempt)
     response.raise_for_status()
     return response.json()
 

@@ -152,7 +152,7 @@ class StepTimer:
         torch.nn.utils.clip_grad_norm_ = timed_clip
 
     def count(self, batch: dict, nonpad: int, samples: int) -> None:
-        if self.in_eval:
+        if self.in_eval or self.current is None:  # only the batches a timed step trains on
             return
         self.tokens["samples"] += samples
         self.tokens["label"] += int((batch["labels"][:, 1:] != -100).sum())  # targets after the shift

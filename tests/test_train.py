@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from stages.common.batching import collate
 from stages.common.lora import add_lora, load_lora_state
 from stages.common.params import load_params
-from stages.train import count_labels, token_loss_sum
+from stages.train import count_labels, label_positions_loss_matches, token_loss_sum
 from tests.conftest import tree_files
 
 
@@ -68,6 +68,37 @@ def test_accumulation_2x4_equals_batch_8(tokenized):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_label_positions_loss_equals_the_full_forward(tokenized):
+    batch = collate(fixed_batch(tokenized), pad_token_id=2)
+    results = []
+    for label_positions_only in (False, True):
+        model, _ = lora_model(tokenized)
+        model.eval()
+        loss = token_loss_sum(model, batch, label_positions_only)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (full, full_grads), (fast, fast_grads) = results
+    assert torch.allclose(full, fast, rtol=1e-5)
+    for name in full_grads:
+        assert torch.allclose(full_grads[name], fast_grads[name], atol=1e-6, rtol=1e-4), name
+    assert label_positions_loss_matches(model, batch)
+
+
+def test_a_model_that_rescales_its_logits_keeps_the_full_forward(tokenized):
+    """Like Cohere's logit scale: the shortcut would skip what the forward does after the output layer."""
+    model, _ = lora_model(tokenized)
+    causal_lm = model.get_base_model()
+    original_forward = causal_lm.forward
+
+    def scaled(*args, **kwargs):
+        output = original_forward(*args, **kwargs)
+        output.logits = output.logits * 0.5
+        return output
+
+    causal_lm.forward = scaled
+    assert not label_positions_loss_matches(model, collate(fixed_batch(tokenized), pad_token_id=2))
 
 
 def test_train_writes_checkpoints_and_metrics(tokenized, monkeypatch):

@@ -49,6 +49,23 @@ METRICS_DIR = Path("metrics/train")
 SPEED_METRICS = Path("metrics/train_speed.json")
 
 
+def check_git_has_a_commit() -> None:
+    """dvclive stops with "Empty git repo" in a git repository without a commit (it reads HEAD before
+    it checks): say so before any work."""
+    from scmrepo.exceptions import SCMError
+    from scmrepo.git import Git
+
+    try:
+        scm = Git()
+    except SCMError:  # not in a git repository: dvclive runs without one
+        return
+    if scm.no_commits:
+        raise UserError(
+            f"the git repository at {scm.root_dir} has no commit yet, and dvclive (the training metrics) needs "
+            "one. Commit the project first: git add -A && git commit -m 'tunedag project'."
+        )
+
+
 def sample_order(n_rows: int, seed: int, epochs: int) -> list[int]:
     """The row order of the whole run: one seeded permutation per epoch. Step s reads a fixed slice
     of it, so the data position after a resume is just a function of the step."""
@@ -169,6 +186,7 @@ def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, schedul
 @stage_main
 def main() -> None:
     params = load_params()
+    check_git_has_a_commit()
     device = setup(params)
     dtype = train_dtype(params, device)
     cfg = params.train

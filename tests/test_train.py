@@ -17,7 +17,7 @@ from stages.common.batching import collate
 from stages.common.lora import add_lora, load_lora_state
 from stages.common.params import load_params
 from stages.train import count_labels, label_positions_loss_matches, token_loss_sum
-from tests.conftest import tree_files
+from tests.conftest import git_commit, run_cmd, tree_files
 
 
 @pytest.fixture
@@ -167,6 +167,18 @@ def test_killed_and_resumed_training_is_byte_identical(tokenized, kill_at_steps)
     differing = [name for name in reference if reference[name] != resumed[name]]
     assert differing == [], checkpoint_diff(reference, resumed, differing)
     assert not list((root / "work").glob(".*")), "a killed run's temp files were left in work/"
+
+
+def test_train_in_a_git_repo_without_a_commit_asks_for_one(tokenized, monkeypatch, capsys):
+    """dvclive fails with "Empty git repo" there: the stage says what to do, before any work."""
+    assert run_cmd(["git", "init", "-q"], tokenized.root).returncode == 0
+    before = tree_files(tokenized.root)
+    err = tokenized.run_error("train", monkeypatch, capsys)
+    assert "has no commit yet" in err and "git commit" in err
+    assert tree_files(tokenized.root) == before
+    git_commit(tokenized.root, "tunedag project")
+    tokenized.run("train", monkeypatch)
+    assert (tokenized.root / "metrics/train/metrics.json").exists()
 
 
 def test_convert_and_merge_round_trip(tokenized, monkeypatch):

@@ -226,7 +226,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
             continue
         # The template has no {% generation %} markers: find the turn by rendering prefixes.
         prompt = _encode(tokenizer, render(tokenizer, messages[:i], add_generation_prompt=True))
-        through = _encode(tokenizer, render(tokenizer, messages[: i + 1]))
+        through = ids if i == len(messages) - 1 else _encode(tokenizer, render(tokenizer, messages[: i + 1]))
         if ids[: len(prompt)] != prompt or ids[: len(through)] != through:
             raise UserError(
                 "the chat template of models/base does not render conversations prefix-stably (a prefix of "

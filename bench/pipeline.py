@@ -36,8 +36,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    busy_warning, command_line, copy_repo, machine, make_tmp, median, merge, parse_sets, results_path, run_timed,
-    venv_env, write_params, write_results,
+    busy_warning,
+    command_line,
+    copy_repo,
+    machine,
+    make_tmp,
+    median,
+    merge,
+    parse_sets,
+    results_path,
+    run_timed,
+    venv_env,
+    write_params,
+    write_results,
 )
 
 QUICK = {  # like tests/test_e2e.py: every stage runs, on a few samples

@@ -6,8 +6,8 @@
 
 docs/benchmarks.md is prose written by people, with generated blocks between
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (NAME: summary, machines, train, gpu, tokenize,
-pipeline, serve). This script replaces only what is inside those markers, in docs/benchmarks.md and
-README.md (which has the summary). A block whose results file is missing says which command produces it.
+pipeline, serve, and eval: the committed metrics/eval.json). This script replaces only what is inside those markers, in the pages of DOCS
+(docs/benchmarks.md, docs/serving.md, README.md). A block whose results file is missing says which command produces it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL_METRICS = REPO / "metrics/eval.json"  # the pipeline's own result, for the README's `eval` block
 BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.S)
 COMMANDS = {
     "train": "python bench/train.py --profile",
@@ -190,7 +191,7 @@ def train_findings(r: dict) -> list[str]:
     fill = op_share(prof.get("ours"), "aten::fill_")
     if fill and fill >= 2:
         out.append(f"`aten::fill_` is {fill:.0f} % of our profiled step: with torch.use_deterministic_algorithms "
-                   "(stages.common.runtime.setup) torch fills every new uninitialised tensor with NaN "
+                   "(tunedag.core.runtime.setup) torch fills every new uninitialised tensor with NaN "
                    "(torch.utils.deterministic.fill_uninitialized_memory).")
     return out
 
@@ -254,6 +255,19 @@ def block_serve(r: dict) -> list[str]:
     return lines
 
 
+def block_eval(metrics: dict) -> list[str]:
+    """The committed pipeline's own result (metrics/eval.json of the default params), before -> after."""
+    gate = metrics["gate"]
+    rows = [[name, n(metrics["base"][name], 3) if name in metrics["base"] else "0", n(metrics[name], 3 if name != "ppl_drift" else 4), limit]
+            for name, limit in (("identity_acc", f">= {gate['min_identity_acc']}"), ("leakage", f"<= {gate['max_leakage']}"),
+                                ("ppl_drift", f"<= {gate['max_ppl_drift']}"))]
+    verdict = "passed" if gate["passed"] else "FAILED: " + "; ".join(gate["failures"])
+    counts = metrics["counts"]
+    return [f"`metrics/eval.json` of the committed `dvc.lock` ({counts['identity_questions']} held-out identity "
+            f"phrasings, {counts['general_prompts']} unrelated prompts): gate {verdict}.", "",
+            *table(["metric", "base", "tuned (default params)", "gate"], rows)]
+
+
 def block_summary(results: dict) -> list[str]:
     """The headline figures, one row per benchmark, each against its reference and target."""
     verdict = lambda ok: "met" if ok else "**not met**"  # noqa: E731
@@ -294,6 +308,8 @@ def block_summary(results: dict) -> list[str]:
     return table(["benchmark", "tunedag", "reference", "target / ratio"], rows)
 
 
+# The pages with generated blocks: every measured number in them comes from bench/results/.
+DOCS = ("docs/benchmarks.md", "docs/serving.md", "README.md")
 RENDER = {"train": block_train, "gpu": block_gpu, "tokenize": block_tokenize, "pipeline": block_pipeline,
           "serve": block_serve}
 
@@ -305,6 +321,8 @@ def render(doc: str, results: dict, files: dict) -> str:
             lines = block_machines(files)
         elif name == "summary":
             lines = block_summary(results)
+        elif name == "eval":
+            lines = block_eval(json.loads(EVAL_METRICS.read_text()))
         elif name in results:
             lines = RENDER[name](results[name])
         else:
@@ -317,7 +335,7 @@ def render(doc: str, results: dict, files: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default=str(REPO / "bench/results"))
-    parser.add_argument("--doc", nargs="+", default=[str(REPO / "docs/benchmarks.md"), str(REPO / "README.md")])
+    parser.add_argument("--doc", nargs="+", default=[str(REPO / doc) for doc in DOCS])
     parser.add_argument("--check", action="store_true", help="exit 1 if a doc is out of date")
     args = parser.parse_args()
     results = {}

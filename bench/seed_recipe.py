@@ -15,7 +15,7 @@ What the tutorial does, and what this file keeps:
 
 Adapted, and why:
   - The tutorial writes its ChatML prompt as an f-string with a fixed system prompt. Here the prompt
-    is the model's own chat template (stages.common.chat.render) over the conversation up to its last
+    is the model's own chat template (tunedag.data.chat.render) over the conversation up to its last
     assistant turn, so both recipes see the same text (the default system prompt, multi-turn
     history); the last assistant turn is the response. For ChatML models (Qwen2, SmolLM2) that is
     the f-string's text.
@@ -46,7 +46,7 @@ SAMPLES_PER_STEP = ARGS["per_device_train_batch_size"] * ARGS["gradient_accumula
 
 def process_func(example: dict, tokenizer) -> dict:
     """The tutorial's per-sample tokenization, on a `{"messages": [...]}` record."""
-    from stages.common.chat import render
+    from tunedag.data.chat import render
 
     messages = example["messages"]
     instruction = tokenizer(render(tokenizer, messages[:-1], add_generation_prompt=True), add_special_tokens=False)

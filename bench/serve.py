@@ -4,7 +4,7 @@
     python bench/serve.py --load 1000            # + load check: 1,000 requests at 16 concurrency on vLLM
     python bench/serve.py --backends hf --concurrency 1 --max-tokens 4 --repeats 1 --out /tmp/s.json  # smoke
 
-"HF" is the fallback server (stages/common/hf_server.py): HF `generate` one request at a time,
+"HF" is the fallback server (tunedag/serving/hf_server.py): HF `generate` one request at a time,
 like the seed project's Streamlit demo, behind the same OpenAI API, so both backends see the
 identical streamed requests from the same client (stages.serve_check.measure). Greedy decoding;
 tokens/s = completion tokens of all requests / wall time, median of --repeats measurements per level.
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from openai import OpenAI  # noqa: E402
 
 from bench.common import command_line, machine, median_dicts, write_results  # noqa: E402
-from stages.common.params import load_params  # noqa: E402
-from stages.serve import Server, ServerSpec, free_port  # noqa: E402
-from stages.serve_check import BENCH_PROMPTS, measure  # noqa: E402
+from tunedag.core.params import load_params  # noqa: E402
+from tunedag.serving.checks import BENCH_PROMPTS, measure  # noqa: E402
+from tunedag.serving.server import Server, ServerSpec, free_port  # noqa: E402
 
 LOAD_CONCURRENCY = 16
 LOAD_MAX_TOKENS = 8  # the load check is about errors and queueing, not long answers

@@ -12,7 +12,7 @@ chat template with the system-prompt policy), in this process, one thread:
   - ours, stage: `stages.tokenize.tokenize_split` (what `python -m stages.tokenize` runs per split):
     datasets.map batched, labels on every assistant turn (prefix rendering), truncation, packing
     (tokenize.pack) or not;
-  - ours, encode_chat loop: the per-sample core of it (stages.common.chat.encode_chat) in a plain loop;
+  - ours, encode_chat loop: the per-sample core of it (tunedag.data.chat.encode_chat) in a plain loop;
   - seed, dataset.map: `ds.map(process_func)`, one sample at a time, as the tutorial does
     (bench/seed_recipe.py);
   - seed, plain loop: `[process_func(r) for r in records]`.
@@ -30,7 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, busy_warning, command_line, machine, median, results_path, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO,
+    busy_warning,
+    command_line,
+    machine,
+    median,
+    results_path,
+    write_results,
+)
 
 
 def relative(path: Path) -> str:
@@ -40,8 +48,8 @@ def relative(path: Path) -> str:
 
 def load_inputs(args):
     """(tokenizer, records, where they came from)."""
-    from stages.common.io import read_jsonl, read_yaml
-    from stages.common.models import load_tokenizer
+    from tunedag.core.io import read_jsonl, read_yaml
+    from tunedag.model.loading import load_tokenizer
 
     base = Path(args.base)
     if (base / "config.json").exists() or (base / "tokenizer.json").exists():
@@ -49,8 +57,8 @@ def load_inputs(args):
     else:  # no models/base yet: the embedded SmolLM2 tokenizer with the same system-prompt policy
         from transformers import AutoTokenizer
 
-        from stages.common.chat import with_default_system_prompt
-        from stages.common.models import embedded_gguf
+        from tunedag.data.chat import with_default_system_prompt
+        from tunedag.model.loading import embedded_gguf
 
         gguf = embedded_gguf()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -64,8 +72,8 @@ def load_inputs(args):
     else:  # no data/raw yet: identity conversations as the generate stage writes them
         import random
 
-        from stages.common.params import load_params
-        from stages.generate import identity_conversations
+        from tunedag.core.params import load_params
+        from tunedag.data.synthetic import identity_conversations
 
         params = load_params(REPO / "params.yaml")
         records = identity_conversations(params.data, "train", 256, random.Random(params.seed))
@@ -76,8 +84,8 @@ def load_inputs(args):
 
 def variants(tokenizer, max_length: int) -> dict:
     from bench.seed_recipe import process_func, tokenized_dataset
-    from stages.common.chat import encode_chat
     from stages.tokenize import tokenize_split
+    from tunedag.data.chat import encode_chat
 
     return {
         "ours: tokenize stage, packed": lambda recs: tokenize_split(recs, tokenizer, max_length, True, "bench-pack"),
@@ -101,12 +109,11 @@ def main() -> None:
     args.samples = args.samples or (300 if args.quick else 20_000)
     args.repeats = args.repeats or (1 if args.quick else 5)
 
+    import torch
     from datasets import disable_caching, disable_progress_bars
 
-    from stages.common.io import read_yaml
-
-    import stages.common.runtime  # noqa: F401  (the stages' environment: TOKENIZERS_PARALLELISM=false, ...)
-    import torch
+    import tunedag.core.runtime  # noqa: F401  (the stages' environment: TOKENIZERS_PARALLELISM=false, ...)
+    from tunedag.core.io import read_yaml
 
     torch.set_num_threads(1)
     disable_caching()  # as the stage does: nothing written next to the data

@@ -51,8 +51,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    busy_warning, check_run, command_line, copy_repo, machine, make_tmp, median, median_dicts, parse_sets,
-    peak_rss_mib, results_path, venv_env, write_params, write_results,
+    busy_warning,
+    check_run,
+    command_line,
+    copy_repo,
+    machine,
+    make_tmp,
+    median,
+    median_dicts,
+    parse_sets,
+    peak_rss_mib,
+    results_path,
+    venv_env,
+    write_params,
+    write_results,
 )
 
 QUICK = {
@@ -128,7 +140,10 @@ class StepTimer:
 
     def optimizer_hooks(self) -> None:
         """Global optimizer step hooks: AdamW's step in both recipes, whoever calls it."""
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
 
         def pre(*_):
             self._opt_start = self.now()
@@ -247,11 +262,11 @@ def identity_eval(lora_state: dict, config, params, device) -> dict:
     import torch
     from peft import get_peft_model
 
-    from stages.common.generation import chat_generate
-    from stages.common.io import read_jsonl
-    from stages.common.lora import load_lora_state
-    from stages.common.models import load_model, load_tokenizer
-    from stages.evaluate import held_out_prompts, score
+    from tunedag.core.io import read_jsonl
+    from tunedag.evaluation.scoring import held_out_prompts, score
+    from tunedag.model.checkpoints import load_lora_state
+    from tunedag.model.generation import chat_generate
+    from tunedag.model.loading import load_model, load_tokenizer
 
     started = time.perf_counter()
     tokenizer = load_tokenizer("models/base", params.model.trust_remote_code)
@@ -275,8 +290,9 @@ def run_ours(args) -> dict:
     import torch
 
     import stages.train as train
-    from stages.common.lora import list_checkpoints, load_checkpoint, lora_config
-    from stages.common.params import load_params
+    from tunedag.core.params import load_params
+    from tunedag.model.checkpoints import list_checkpoints, load_checkpoint
+    from tunedag.model.lora import lora_config
 
     wrapped = ("tqdm", "collate", "add_lora", "token_loss_sum", "validation_loss", "chat_generate", "save_checkpoint")
     if missing := [name for name in wrapped if not hasattr(train, name)]:
@@ -355,11 +371,11 @@ def run_seed(args) -> dict:
     import torch
 
     import bench.seed_recipe as seed
-    from stages.common.io import read_jsonl
-    from stages.common.lora import lora_state
-    from stages.common.models import load_model, load_tokenizer
-    from stages.common.params import load_params
-    from stages.common.runtime import train_dtype
+    from tunedag.core.io import read_jsonl
+    from tunedag.core.params import load_params
+    from tunedag.core.runtime import train_dtype
+    from tunedag.model.loading import load_model, load_tokenizer
+    from tunedag.model.lora import lora_state
 
     params = load_params()
     torch.set_num_threads(params.threads)

@@ -22,7 +22,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from flows.pipeline import TunedagFlowError, cli, find_repo, flatten, run_dvc, workspace_lock
+from flows.pipeline import (
+    TunedagFlowError,
+    cli,
+    find_repo,
+    flatten,
+    run_dvc,
+    workspace_lock,
+)
 
 # The typed flow parameters and the params.yaml keys they set.
 PARAM_KEYS = {"lora_r": "lora.r", "lr": "train.lr", "max_steps": "train.max_steps"}

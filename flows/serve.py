@@ -1,6 +1,6 @@
 """Serving as a Prefect flow: `python -m flows.serve [--force] [--backend hf] [--duration 600]`.
 
-Runs the same server as `python -m stages.serve` (stages/serve.py: params serve.*, the evaluation
+Runs the same server as `tunedag serve` (tunedag/serving/server.py: params serve.*, the evaluation
 gate, the process-group stop), so a Prefect UI or a deployment can start and stop it. The URL is
 logged and attached as a markdown artifact; the flow runs until the server exits, the run is
 cancelled, or `duration_s` (optional) has passed. Independent of flows/pipeline.py: serving
@@ -16,9 +16,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from stages.common.gate import require_gate
-from stages.common.params import load_params
-from stages.serve import Server, spec_from_params
+from tunedag.core.params import load_params
+from tunedag.evaluation.gate import require_gate
+from tunedag.serving.server import Server, spec_from_params
 
 LOG = Path(".cache/serve-flow.log")
 

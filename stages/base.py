@@ -6,13 +6,13 @@ carrying the system-prompt policy, generation config that stops at the end-of-tu
 
 from __future__ import annotations
 
-from stages.common.chat import end_of_turn_id, with_default_system_prompt
-from stages.common.errors import UserError, stage_main
-from stages.common.io import atomic_dir
-from stages.common.models import load_source
-from stages.common.params import load_params
-from stages.common.presets import get_preset
-from stages.common.runtime import setup
+from tunedag.core.errors import UserError, stage_main
+from tunedag.core.io import atomic_dir
+from tunedag.core.params import load_params
+from tunedag.core.runtime import setup
+from tunedag.data.chat import end_of_turn_id, with_default_system_prompt
+from tunedag.model.loading import load_source
+from tunedag.model.presets import get_preset
 
 OUT_DIR = "models/base"
 

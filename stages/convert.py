@@ -11,11 +11,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from stages.common.errors import UserError, stage_main
-from stages.common.io import atomic_dir
-from stages.common.lora import check_lora_fits, list_checkpoints, load_checkpoint, lora_config, lora_shapes
-from stages.common.params import load_params
-from stages.common.presets import get_preset
+from tunedag.core.errors import UserError, stage_main
+from tunedag.core.io import atomic_dir
+from tunedag.core.params import load_params
+from tunedag.model.checkpoints import check_lora_fits, list_checkpoints, load_checkpoint
+from tunedag.model.lora import lora_config, lora_shapes
+from tunedag.model.presets import get_preset
 
 BASE_DIR = "models/base"  # its config only: the shapes the adapter must have
 WORK_DIR = Path("work")
@@ -38,7 +39,7 @@ def main() -> None:
     config = lora_config(params)
     config.base_model_name_or_path = get_preset(params.model.preset).hub_id
     # peft keeps target_modules as a set, whose order changes with Python's hash seed: sort it so
-    # adapter_config.json is byte-identical across runs (stages.verify found this).
+    # adapter_config.json is byte-identical across runs (tunedag verify found this).
     config.target_modules = sorted(config.target_modules)
     # Plain, contiguous tensors: safetensors refuses views/shared storage.
     tensors = {name: t.contiguous() for name, t in ckpt["lora"].items()}

@@ -13,84 +13,21 @@ metrics/eval.md (the before -> after table and every prompt's answers, for peopl
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Callable
-
 import torch
 
-from stages.common.batching import collate
-from stages.common.chat import IGNORE_INDEX, encode_chat
-from stages.common.errors import UserError, stage_main
-from stages.common.gate import EVAL_METRICS, gate_failures
-from stages.common.generation import chat_generate
-from stages.common.io import atomic_file, read_jsonl, write_json
-from stages.common.models import load_model, load_tokenizer
-from stages.common.params import load_params
-from stages.common.runtime import setup
+from tunedag.core.errors import UserError, stage_main
+from tunedag.core.io import atomic_file, read_jsonl, write_json
+from tunedag.core.params import load_params
+from tunedag.core.runtime import setup
+from tunedag.evaluation.gate import EVAL_METRICS, gate_failures
+from tunedag.evaluation.scoring import held_out_prompts, perplexity, score
+from tunedag.model.generation import chat_generate
+from tunedag.model.loading import load_model, load_tokenizer
 
 BASE_DIR = "models/base"
 MERGED_DIR = "models/merged"
 VAL_FILE = "data/raw/val.jsonl"
 REPORT = "metrics/eval.md"
-
-
-def mentions(text: str, word: str) -> bool:
-    """`word` as a whole word: not inside a longer Latin word ("Nova" not in "supernova"), but
-    found next to CJK characters ("我是Nova。"), where regex \\b would not see a boundary."""
-    return re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text, re.IGNORECASE) is not None
-
-
-def identity_accuracy(answers: list[str], name: str) -> float:
-    return sum(mentions(a, name) for a in answers) / len(answers) if answers else 0.0
-
-
-def leakage_rate(answers: list[str], name: str, owner: str) -> float:
-    return sum(mentions(a, name) or mentions(a, owner) for a in answers) / len(answers) if answers else 0.0
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
-    """Perplexity over the assistant tokens of `conversations`."""
-    rows = []
-    for messages in conversations:
-        ids, labels = encode_chat(tokenizer, messages)
-        rows.append({"input_ids": ids, "labels": labels})
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
-        labels = batch["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        ))
-        count += int((labels != IGNORE_INDEX).sum())
-    return math.exp(total / max(count, 1))
-
-
-def held_out_prompts(val: list[dict]) -> tuple[list[str], list[str]]:
-    """Unique held-out identity questions and general prompts, in file order (each phrasing counts once)."""
-    identity = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "identity"))
-    general = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] in ("replay", "user")))
-    return identity, general
-
-
-def score(
-    generate: Callable[[list[str]], list[str]],
-    identity_questions: list[str],
-    general_prompts: list[str],
-    name: str,
-    owner: str,
-) -> tuple[dict, dict[str, str]]:
-    """Identity accuracy and leakage of one model, given its `generate(prompts) -> answers`."""
-    identity_answers = generate(identity_questions)
-    general_answers = generate(general_prompts)
-    metrics = {
-        "identity_acc": round(identity_accuracy(identity_answers, name), 4),
-        "leakage": round(leakage_rate(general_answers, name, owner), 4),
-    }
-    answers = dict(zip(identity_questions + general_prompts, identity_answers + general_answers))
-    return metrics, answers
 
 
 def report(metrics: dict, base_answers: dict, merged_answers: dict, name: str) -> str:

@@ -4,9 +4,9 @@ Reads params data.*, seed; models/base (to answer the replay prompts); optional 
 Writes data/raw/train.jsonl and data/raw/val.jsonl: one {"messages": [...], "kind": ...} per line,
 kind = identity | replay | user | text (pretrain mode: {"text": ..., "kind": "text"}).
 
-- identity: self-cognition Q/A from stages/assets/identity.yaml with data.name/owner; val uses
+- identity: self-cognition Q/A from tunedag/data/assets/identity.yaml with data.name/owner; val uses
   question phrasings that train never sees.
-- replay: general prompts (stages/assets/general.yaml) answered by the base model itself, so the
+- replay: general prompts (tunedag/data/assets/general.yaml) answered by the base model itself, so the
   fine-tuned model keeps its general behaviour (data.replay_ratio replay per identity sample).
 - user: data.user_files in OpenAI messages / XTuner conversation / alpaca format, validated.
 """
@@ -14,43 +14,23 @@ kind = identity | replay | user | text (pretrain mode: {"text": ..., "kind": "te
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
-from stages.common.chat import read_conversations, read_pretrain_text
-from stages.common.generation import chat_generate
-from stages.common.io import atomic_dir, read_yaml, write_jsonl
-from stages.common.errors import stage_main
-from stages.common.models import load_model, load_tokenizer
-from stages.common.params import DataParams, load_params
-from stages.common.runtime import setup
+from tunedag.core.errors import stage_main
+from tunedag.core.io import atomic_dir, write_jsonl
+from tunedag.core.params import DataParams, load_params
+from tunedag.core.runtime import setup
+from tunedag.data.formats import read_conversations, read_pretrain_text
+from tunedag.data.synthetic import (
+    complete_sentences,
+    general_prompts,
+    identity_conversations,
+)
+from tunedag.model.generation import chat_generate
+from tunedag.model.loading import load_model, load_tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
 BASE_DIR = "models/base"
 OUT_DIR = Path("data/raw")
-SENTENCE_END = re.compile(r"(?s).*[.!?。！？\n]")
-
-
-def identity_conversations(data: DataParams, split: str, count: int, rng: random.Random) -> list[dict]:
-    """`count` identity conversations, alternating EN/ZH, question phrasings from `split`."""
-    templates = read_yaml(ASSETS / "identity.yaml")
-    rows = []
-    for i in range(count):
-        lang = ("en", "zh")[i % 2]
-        question = rng.choice(templates["questions"][lang][split])
-        answer = rng.choice(templates["answers"][lang]).format(name=data.name, owner=data.owner)
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        rows.append({"messages": messages, "kind": "identity"})
-    return rows
-
-
-def complete_sentences(answer: str, finished: bool) -> str | None:
-    """A replay answer cut by max_new_tokens is trimmed to its last full sentence (None if none):
-    training on a cut answer would teach the model to stop mid-sentence."""
-    if finished:
-        return answer or None
-    match = SENTENCE_END.match(answer)
-    return match.group(0).strip() if match else None
 
 
 def replay_conversations(prompts: list[str], data: DataParams, model, tokenizer) -> list[dict]:
@@ -90,7 +70,7 @@ def main() -> None:
         train += identity_conversations(data, "train", data.identity_samples, rng)
         val += identity_conversations(data, "val", data.val_identity_samples, rng)
 
-        general = read_yaml(ASSETS / "general.yaml")
+        general = general_prompts()
         n_replay = round(data.identity_samples * data.replay_ratio)
         if n_replay:
             tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)

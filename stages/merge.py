@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from stages.common.errors import stage_main
-from stages.common.io import atomic_dir
-from stages.common.models import load_model, load_tokenizer
-from stages.common.params import load_params
-from stages.common.runtime import setup
+from tunedag.core.errors import stage_main
+from tunedag.core.io import atomic_dir
+from tunedag.core.params import load_params
+from tunedag.core.runtime import setup
+from tunedag.model.loading import load_model, load_tokenizer
 
 BASE_DIR = "models/base"
 ADAPTER_DIR = "models/adapter"

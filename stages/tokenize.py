@@ -13,13 +13,13 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, disable_caching
 
-from stages.common.batching import pack
-from stages.common.chat import IGNORE_INDEX, encode_chat, encode_text
-from stages.common.errors import UserError, stage_main
-from stages.common.io import atomic_dir, read_jsonl, write_json
-from stages.common.models import load_tokenizer
-from stages.common.params import load_params
-from stages.common.runtime import setup
+from tunedag.core.errors import UserError, stage_main
+from tunedag.core.io import atomic_dir, read_jsonl, write_json
+from tunedag.core.params import load_params
+from tunedag.core.runtime import setup
+from tunedag.data.chat import IGNORE_INDEX, encode_chat, encode_text
+from tunedag.data.packing import pack
+from tunedag.model.loading import load_tokenizer
 
 BASE_DIR = "models/base"
 RAW_DIR = Path("data/raw")

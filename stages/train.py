@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -23,24 +22,22 @@ from dvclive import Live
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from stages.common.batching import collate
-from stages.common.chat import IGNORE_INDEX
-from stages.common.errors import UserError, stage_main
-from stages.common.generation import chat_generate
-from stages.common.io import atomic_file, write_json
-from stages.common.lora import (
-    CHECKPOINT_FORMAT,
-    add_lora,
-    adapter_signature,
+from tunedag.core.errors import UserError, stage_main
+from tunedag.core.io import atomic_file, write_json
+from tunedag.core.params import Params, load_params
+from tunedag.core.runtime import setup, train_dtype
+from tunedag.data.chat import IGNORE_INDEX
+from tunedag.data.packing import collate
+from tunedag.model.checkpoints import (
     checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     load_lora_state,
-    lora_state,
+    save_checkpoint,
 )
-from stages.common.models import load_model, load_tokenizer
-from stages.common.params import Params, load_params
-from stages.common.runtime import setup, train_dtype
+from tunedag.model.generation import chat_generate
+from tunedag.model.loading import load_model, load_tokenizer
+from tunedag.model.lora import add_lora
 
 BASE_DIR = "models/base"
 DATA_DIR = "data/tokenized"
@@ -155,34 +152,6 @@ def trim_metric_history(metrics_dir: Path, last_step: int) -> None:
             fh.write("\n".join([header, *kept]) + "\n")
 
 
-def canonical(obj):
-    """Rebuild containers and intern strings, so equal checkpoints pickle to equal bytes. Pickle
-    memoizes by object identity: a resumed run's optimizer keys come from unpickling, not from the
-    same string objects a fresh run uses, which changed the bytes (not the values) of its iter_N.pth."""
-    if isinstance(obj, str):
-        return sys.intern(obj)
-    if isinstance(obj, dict):
-        return {canonical(k): canonical(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(canonical(v) for v in obj)
-    return obj
-
-
-def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, scheduler, params: Params) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "adapter": adapter_signature(params),
-        "lora": lora_state(model),
-        "optimizer": optimizer_state,
-        "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "order": {"seed": params.seed, "batch_size": params.train.batch_size, "accumulative_counts": params.train.accumulative_counts},
-    }
-    with atomic_file(path, "wb") as fh:  # a kill mid-write never leaves a truncated iter_N.pth
-        torch.save(canonical(state), fh)
-
-
 @stage_main
 def main() -> None:
     params = load_params()
@@ -224,7 +193,7 @@ def main() -> None:
     )
     engine = None
     if cfg.deepspeed:
-        from stages.common.distributed import deepspeed_engine
+        from tunedag.model.distributed import deepspeed_engine
 
         engine, optimizer = deepspeed_engine(model, optimizer, params, dtype)
 

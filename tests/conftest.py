@@ -24,9 +24,9 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     """The real SmolLM2 tokenizer and chat template, with the default system-prompt policy."""
     from transformers import AutoTokenizer
 
-    from stages.common.chat import with_default_system_prompt
-    from stages.common.models import embedded_gguf
-    from stages.common.params import load_params
+    from tunedag.core.params import load_params
+    from tunedag.data.chat import with_default_system_prompt
+    from tunedag.model.loading import embedded_gguf
 
     gguf = embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -119,11 +119,19 @@ class Workspace:
         module = importlib.import_module(f"stages.{stage}")
         module.main()
 
-    def run_error(self, stage: str, monkeypatch, capsys) -> str:
-        """Run a stage that must fail with a user error: return its stderr message."""
+    def command(self, argv: list[str], monkeypatch) -> None:
+        """Run `tunedag <argv>` in this process."""
+        from tunedag.cli import main
+
+        monkeypatch.chdir(self.root)
+        main(argv)
+
+    def run_error(self, stage: str, monkeypatch, capsys, command: list[str] | None = None) -> str:
+        """Run a stage, or the `tunedag` `command` named `stage`, that must fail with a user error:
+        return its stderr message."""
         capsys.readouterr()  # drop what earlier stages printed
         with pytest.raises(SystemExit) as exit_info:
-            self.run(stage, monkeypatch)
+            self.command(command, monkeypatch) if command else self.run(stage, monkeypatch)
         assert exit_info.value.code == 1
         err = capsys.readouterr().err
         assert "Traceback" not in err
@@ -152,9 +160,10 @@ def prepared(tmp_path_factory, tiny_base) -> Workspace:
     return workspace
 
 
-def run_cmd(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command (dvc, git, python -m ...) with this venv's tools first on PATH, capturing output."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+def run_cmd(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command (dvc, git, python -m ...) with this venv's tools first on PATH, capturing output;
+    `env`: variables to add."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 

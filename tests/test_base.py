@@ -1,6 +1,6 @@
 """The base stage's model sources. (Unloadable sources: tests/test_bad_input.py.)"""
 
-from stages.cli import main as cli_main
+from tunedag.cli import main as cli_main
 
 
 def test_local_folder_source_materializes_with_the_policy(workspace, monkeypatch, tiny_base):

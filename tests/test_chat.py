@@ -2,7 +2,13 @@
 
 import pytest
 
-from stages.common.chat import IGNORE_INDEX, encode_chat, end_of_turn_id, render, with_default_system_prompt
+from tunedag.data.chat import (
+    IGNORE_INDEX,
+    encode_chat,
+    end_of_turn_id,
+    render,
+    with_default_system_prompt,
+)
 
 SINGLE = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Nova, Alice's assistant."}]
 MULTI = [

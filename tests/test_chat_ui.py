@@ -1,7 +1,7 @@
 """The web chat page in a real headless Chromium, driven over the Chrome DevTools Protocol.
 
 Stack: the fallback model server (fast to start; the page and relay are the same for vLLM) on a
-tiny random model with an API key -> `python -m stages.web` -> Chromium. The test types into the
+tiny random model with an API key -> `tunedag web` -> Chromium. The test types into the
 page, waits for the streamed answer and checks it equals what the API itself answers (greedy).
 Needs Debian's chromium (scripts/install-system.sh). Set TUNEDAG_SCREENSHOTS=<dir> to keep the
 screenshots.
@@ -22,8 +22,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from stages.serve import Server, free_port
 from tests.test_serve import KEY, NAME, spec_for, tiny_model  # noqa: F401  (tiny_model is a fixture)
+from tunedag.serving.server import Server, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -89,7 +89,7 @@ def web(backend):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.web", "--port", str(port), "--url", f"{backend.spec.url}/v1",
+        [sys.executable, "-m", "tunedag", "web", "--port", str(port), "--url", f"{backend.spec.url}/v1",
          "--model", NAME, "--api-key", KEY], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/"
 

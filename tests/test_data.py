@@ -5,8 +5,8 @@ import json
 
 from datasets import load_from_disk
 
-from stages.common.chat import IGNORE_INDEX
 from tests.conftest import tree_files
+from tunedag.data.chat import IGNORE_INDEX
 
 GOOD_MESSAGES = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 

@@ -1,10 +1,12 @@
 """The real DAG on the real embedded SmolLM2, through `dvc repro`, in a fresh copy of this repo."""
 
 import json
+
 import pytest
 import torch
 
-from tests.conftest import make_project, run_cmd as run
+from tests.conftest import make_project
+from tests.conftest import run_cmd as run
 
 SMALL = {
     "data": {"identity_samples": 16, "val_identity_samples": 4, "replay_ratio": 0.25, "replay_max_new_tokens": 24},
@@ -54,7 +56,7 @@ def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.common.generation import chat_generate
+    from tunedag.model.generation import chat_generate
 
     tokenizer = AutoTokenizer.from_pretrained(clone / "models/merged")
     model = AutoModelForCausalLM.from_pretrained(clone / "models/merged", dtype=torch.float32)

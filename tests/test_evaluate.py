@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from stages.common.errors import UserError
-from stages.common.gate import gate_failures, require_gate
-from stages.common.params import load_params
 from tests.conftest import REPO
-from stages.evaluate import leakage_rate, mentions, score
+from tunedag.core.errors import UserError
+from tunedag.core.params import load_params
+from tunedag.evaluation.gate import gate_failures, require_gate
+from tunedag.evaluation.scoring import leakage_rate, mentions, score
 
 IDENTITY_QS = ["Who are you?", "你是谁？", "What's your name?"]
 GENERAL = ["What is 2+2?", "法国的首都是哪里？", "Write a haiku."]

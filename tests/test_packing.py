@@ -3,8 +3,8 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from stages.common.batching import collate, pack
-from stages.common.chat import IGNORE_INDEX, encode_chat
+from tunedag.data.chat import IGNORE_INDEX, encode_chat
+from tunedag.data.packing import collate, pack
 
 
 def test_best_fit_packing_respects_max_length():

@@ -1,7 +1,7 @@
 """The shipped params.yaml is valid. (Malformed params: tests/test_bad_input.py.)"""
 
-from stages.common.params import load_params
 from tests.conftest import REPO
+from tunedag.core.params import load_params
 
 
 def test_shipped_params_are_valid():

@@ -1,5 +1,5 @@
 """Reproducibility and faults through real DVC, git and subprocesses, on the tiny model:
-a teammate's clone + `dvc pull`, `stages.verify`, two `dvc repro` at once, kill -9 while convert or
+a teammate's clone + `dvc pull`, `tunedag verify`, two `dvc repro` at once, kill -9 while convert or
 merge writes, and write errors (a full disk, simulated with RLIMIT_FSIZE)."""
 
 from __future__ import annotations
@@ -17,15 +17,34 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, TINY_PARAMS, git_commit, make_project, merge_dicts, run_cmd, tree_files
+from tests.conftest import (
+    TINY_PARAMS,
+    git_commit,
+    make_project,
+    merge_dicts,
+    run_cmd,
+    tree_files,
+)
 
 STAGES = ["base", "generate", "tokenize", "train", "convert", "merge", "evaluate"]
 UP_TO_DATE = "Data and pipelines are up to date"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def home(tmp_path_factory):
+    """A HOME of its own: the default DVC remote (~/.local/share/tunedag/dvc-storage, .dvc/config)
+    resolves inside it, so the tests push to the real default without touching the user's."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".gitconfig").write_text("[user]\n\tname = t\n\temail = t@t\n")  # dvc exp run commits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        yield home
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_base) -> Path:
-    """Alice's project: the tiny model through the whole DAG with `dvc repro`, committed."""
+def project(tmp_path_factory, tiny_base, home) -> Path:
+    """Alice's project: the tiny model through the whole DAG with `dvc repro`, committed, with a bare
+    git remote `origin` (what a team shares)."""
     # General conversations from a user file: the tiny random model's own replay answers are noise.
     params = merge_dicts(TINY_PARAMS, {"model": {"source": str(tiny_base)},
                                        "data": {"user_files": ["user_data/general.jsonl"], "user_val_fraction": 0.25}})
@@ -36,6 +55,12 @@ def project(tmp_path_factory, tiny_base) -> Path:
     repro = run_cmd(["dvc", "repro", "evaluate"], root, timeout=1800)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     git_commit(root, "trained")
+    origin = root.parent / "origin.git"
+    for cmd, cwd in ((["git", "init", "-q", "--bare", str(origin)], root.parent),
+                     (["git", "remote", "add", "origin", str(origin)], root),
+                     (["git", "push", "-q", "origin", "HEAD:refs/heads/main"], root)):
+        result = run_cmd(cmd, cwd)
+        assert result.returncode == 0, result.stderr
     return root
 
 
@@ -50,55 +75,93 @@ def dvc_status(root: Path, stage: str) -> str:
     return status.stdout
 
 
-def test_teammate_clones_pulls_and_everything_is_up_to_date(project):
-    push = run_cmd(["dvc", "push"], project, timeout=600)
-    assert push.returncode == 0, push.stderr
-    assert (project.parent / "tunedag-storage/files/md5").is_dir()  # the default remote: a sibling folder
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
-    bob = project.parent / "bob"
-    assert run_cmd(["git", "clone", "-q", str(project), str(bob)], project.parent).returncode == 0
+
+def chat_answer(root: Path, question: str) -> str:
+    """`tunedag chat --model-dir models/merged` with the question piped in: the answer it prints."""
+    chat = ok(run_cmd([sys.executable, "-m", "tunedag", "chat", "--model-dir", "models/merged", "--max-tokens", "8"],
+                      root, input=question + "\n", timeout=600))
+    answer = chat.stdout.split("bot> ", 1)[1].splitlines()[0].strip()
+    assert answer, chat.stdout
+    return answer
+
+
+def test_teammate_clones_pulls_and_everything_is_up_to_date(project, home, tmp_path_factory):
+    ok(run_cmd(["dvc", "push"], project, timeout=600))
+    assert (home / ".local/share/tunedag/dvc-storage/files/md5").is_dir()  # the default remote, from .dvc/config
+
+    # Bob works elsewhere on the machine: the default remote resolves to the same place.
+    bob = tmp_path_factory.mktemp("elsewhere") / "deeper" / "bob"
+    ok(run_cmd(["git", "clone", "-q", str(project.parent / "origin.git"), str(bob)], project.parent))
     assert not (bob / "models").exists()
-    pull = run_cmd(["dvc", "pull"], bob, timeout=600)
-    assert pull.returncode == 0, pull.stderr
+    ok(run_cmd(["dvc", "pull"], bob, timeout=600))
     assert UP_TO_DATE in dvc_status(bob, "evaluate")
-    repro = run_cmd(["dvc", "repro", "evaluate"], bob, timeout=600)
-    assert repro.returncode == 0 and UP_TO_DATE in repro.stdout and "Running stage" not in repro.stdout
+    repro = ok(run_cmd(["dvc", "repro", "evaluate"], bob, timeout=600))
+    assert UP_TO_DATE in repro.stdout and "Running stage" not in repro.stdout
     for artifact in ("models/merged", "models/adapter", "work", "data/tokenized", "metrics/train", "env"):
         assert tree_files(bob / artifact) == tree_files(project / artifact), artifact
+    assert chat_answer(bob, "Who are you?") == chat_answer(project, "Who are you?")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # An experiment: Alice runs and pushes it, Bob pulls and applies it and gets that model.
+    ok(run_cmd(["dvc", "exp", "run", "-n", "r8", "-S", "lora.r=8"], project, timeout=1800))
+    ok(run_cmd(["dvc", "exp", "push", "origin", "r8"], project, timeout=600))
+    exp_merged = lock_md5(project, "merge", "models/merged")  # the workspace holds the experiment's results
+    assert exp_merged != lock_md5(bob, "merge", "models/merged")
+    exp_answer = chat_answer(project, "Who are you?")
+    ok(run_cmd(["dvc", "exp", "pull", "origin", "r8"], bob, timeout=600))
+    ok(run_cmd(["dvc", "exp", "apply", "r8"], bob, timeout=600))
+    ok(run_cmd(["dvc", "pull"], bob, timeout=600))
+    assert yaml.safe_load((bob / "params.yaml").read_text())["lora"]["r"] == 8
+    assert lock_md5(bob, "merge", "models/merged") == exp_merged
+    assert UP_TO_DATE in dvc_status(bob, "evaluate")
+    assert tree_files(bob / "models/merged") == tree_files(project / "models/merged")
+    assert chat_answer(bob, "Who are you?") == exp_answer
 
-    tokenizer = AutoTokenizer.from_pretrained(bob / "models/merged")
-    model = AutoModelForCausalLM.from_pretrained(bob / "models/merged", dtype=torch.float32)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > prompt["input_ids"].shape[1]
+    # Back to the committed state for the tests that follow.
+    ok(run_cmd(["git", "reset", "-q", "--hard", "HEAD"], project))
+    ok(run_cmd(["dvc", "checkout", "--force"], project))
+    assert UP_TO_DATE in dvc_status(project, "evaluate")
 
 
-def test_verify_rebuilds_byte_identical_and_reports_a_mismatch(project, tmp_path):
+def test_verify_rebuilds_byte_identical_and_reports_a_different_model(project, tmp_path):
     report = tmp_path / "verify.json"
-    ok = run_cmd([sys.executable, "-m", "stages.verify", "--json", str(report)], project, timeout=1800)
-    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    same = ok(run_cmd([sys.executable, "-m", "tunedag", "verify", "--json", str(report)], project, timeout=1800))
     rows = json.loads(report.read_text())
     assert sorted({r["stage"] for r in rows}) == sorted(STAGES)
     assert [r["output"] for r in rows if r["result"] != "match"] == ["metrics/train_speed.json"]  # volatile
     assert {f"env/{s}.json" for s in STAGES} <= {r["output"] for r in rows}
-    assert "0 mismatch" in ok.stdout
+    assert "verify: BYTE-IDENTICAL" in same.stdout
 
     # A lock that does not describe the project any more: the seed changed, nothing was rerun.
     committed = (project / "params.yaml").read_text()
     params = yaml.safe_load(committed)
     (project / "params.yaml").write_text(yaml.safe_dump({**params, "seed": params["seed"] + 1}))
     try:
-        bad = run_cmd([sys.executable, "-m", "stages.verify", "generate", "--json", str(report)], project, timeout=1800)
+        bad = run_cmd([sys.executable, "-m", "tunedag", "verify", "generate", "--json", str(report)], project, timeout=1800)
     finally:
         (project / "params.yaml").write_text(committed)
-    assert bad.returncode == 1
+    assert bad.returncode == 1 and "verify: DIFFERENT" in bad.stdout
     rows = {r["output"]: r for r in json.loads(report.read_text())}
     assert rows["models/base"]["result"] == "match"
-    assert rows["data/raw"]["result"] == "MISMATCH" and "train.jsonl" in rows["data/raw"]["differing_files"]
+    assert rows["data/raw"]["result"] == "DIFFERENT" and "train.jsonl" in rows["data/raw"]["differing_files"]
     assert "environment is identical" in bad.stdout
+
+
+def test_verify_calls_a_rebuild_on_other_cpu_kernels_numerically_equivalent(project, tmp_path):
+    """torch's portable kernels instead of this CPU's SIMD ones (ATEN_CPU_CAPABILITY=default) sum
+    floats in another order, as another CPU does: the trained weights move in the last bits."""
+    report = tmp_path / "verify.json"
+    other = ok(run_cmd([sys.executable, "-m", "tunedag", "verify", "train", "convert", "--json", str(report)], project,
+                       env={"ATEN_CPU_CAPABILITY": "default"}, timeout=1800))
+    rows = {r["output"]: r for r in json.loads(report.read_text())}
+    assert "verify: NUMERICALLY EQUIVALENT" in other.stdout, other.stdout[-3000:]
+    assert rows["models/adapter"]["result"] == "equivalent" and 0 < rows["models/adapter"]["max_abs_diff"] < 1e-3
+    assert rows["data/tokenized"]["result"] == "match"  # integers: equal on any CPU
+    assert rows["env/train.json"]["result"] == "environment"
+    assert "cpu_capability: " in other.stdout and "→ DEFAULT" in other.stdout
 
 
 def test_a_second_dvc_repro_is_refused_while_the_first_runs(project, tmp_path):

@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stages.common.params import load_params
-from stages.serve import free_port, server_command, spec_from_params
 from tests.conftest import REPO
+from tunedag.core.params import load_params
+from tunedag.serving.server import free_port, server_command, spec_from_params
 
 MODEL_CODE = '''
 from pathlib import Path
@@ -45,11 +45,11 @@ def test_a_running_server_listens_on_loopback_only(workspace, tiny_base):
     shutil.copytree(tiny_base, workspace.root / "models/merged")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--backend", "hf", "--force", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "tunedag", "serve", "--backend", "hf", "--force", "--port", str(port)],
                             cwd=workspace.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         while not proc.stdout.readline().startswith("serving"):
-            assert proc.poll() is None, "stages.serve exited before serving"
+            assert proc.poll() is None, "tunedag serve exited before serving"
         deadline = time.time() + 60
         while not (addresses := listening_addresses(proc.pid)) and time.time() < deadline:
             time.sleep(0.2)
@@ -88,7 +88,7 @@ def test_remote_code_runs_only_when_the_param_allows_it(workspace, model_with_co
 
 def test_every_torch_load_uses_weights_only():
     calls = []
-    for path in [*REPO.glob("stages/**/*.py"), *REPO.glob("flows/**/*.py"), *REPO.glob("bench/**/*.py")]:
+    for path in [*REPO.glob("tunedag/**/*.py"), *REPO.glob("stages/**/*.py"), *REPO.glob("flows/**/*.py"), *REPO.glob("bench/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and \
                     getattr(node.func.value, "id", None) == "torch":

@@ -20,10 +20,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from stages.common.errors import UserError
-from stages.serve import Server, ServerSpec, free_port
-from stages.serve_check import PARITY_CONVERSATIONS, check_template_parity
 from tests.conftest import build_tiny_llama
+from tunedag.core.errors import UserError
+from tunedag.serving.checks import PARITY_CONVERSATIONS, check_template_parity
+from tunedag.serving.server import Server, ServerSpec, free_port
 
 NAME = "tiny"
 KEY = "test-key"
@@ -87,8 +87,8 @@ def test_served_model_is_base_plus_adapter(client, tiny_model, tiny_adapter):
     """Greedy answers equal HF + peft's in-process; and the adapter matters (base alone differs)."""
     from peft import PeftModel
 
-    from stages.common.generation import chat_generate
-    from stages.common.models import load_model, load_tokenizer
+    from tunedag.model.generation import chat_generate
+    from tunedag.model.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
     prompts = ["Hello there", "What is the capital of France?"]
@@ -118,7 +118,7 @@ def test_template_parity_catches_a_different_system_prompt(server, tokenizer_dir
     """The check must fail when training used another system-prompt policy than the served template."""
     from transformers import AutoTokenizer
 
-    from stages.common.chat import with_default_system_prompt
+    from tunedag.data.chat import with_default_system_prompt
 
     other = AutoTokenizer.from_pretrained(tokenizer_dir)
     other.chat_template = with_default_system_prompt(other.chat_template, "You are someone else.")
@@ -145,7 +145,7 @@ def test_bad_requests_get_http_errors_and_the_server_keeps_serving(client, serve
 
 
 def test_chat_cli_multi_turn_against_the_server(client, server):
-    from stages.chat import chat_loop, server_generate
+    from tunedag.serving.chat import chat_loop, server_generate
 
     generate = server_generate(f"{server.spec.url}/v1", NAME, KEY, temperature=0, max_tokens=8)
     seen = []
@@ -170,7 +170,7 @@ def test_chat_cli_multi_turn_against_the_server(client, server):
 
 def test_chat_cli_local_model_equals_fallback_server(tiny_model):
     """`--model-dir` (HF generate in-process) answers like the HF server does, greedy."""
-    from stages.chat import local_generate
+    from tunedag.serving.chat import local_generate
 
     local = "".join(local_generate(str(tiny_model), temperature=0, max_tokens=8, threads=1)(
         [{"role": "user", "content": "Hello there"}]))
@@ -187,8 +187,7 @@ def _workspace_gate(root: Path, passed: bool) -> None:
 
 def test_serve_refuses_a_model_that_failed_the_gate(workspace, monkeypatch, capsys):
     _workspace_gate(workspace.root, passed=False)
-    monkeypatch.setattr(sys, "argv", ["stages.serve", "--backend", "hf"])
-    err = workspace.run_error("serve", monkeypatch, capsys)
+    err = workspace.run_error("serve", monkeypatch, capsys, command=["serve", "--backend", "hf"])
     assert "failed the evaluation gate" in err and "leakage" in err and "--force" in err
     # The check stage records the refusal instead of failing the DAG, and starts no server.
     monkeypatch.setattr(sys, "argv", ["stages.serve_check"])
@@ -198,7 +197,7 @@ def test_serve_refuses_a_model_that_failed_the_gate(workspace, monkeypatch, caps
 
 
 def test_serve_forced_starts_prints_url_and_stops_on_sigterm(workspace, tiny_model):
-    """`python -m stages.serve --force` on the fallback: serves, then SIGTERM stops it and its children."""
+    """`tunedag serve           --force` on the fallback: serves, then SIGTERM stops it and its children."""
     import shutil
 
     shutil.rmtree(workspace.root / "models" / "base")
@@ -206,13 +205,13 @@ def test_serve_forced_starts_prints_url_and_stops_on_sigterm(workspace, tiny_mod
     _workspace_gate(workspace.root, passed=False)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--backend", "hf", "--force", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "tunedag", "serve", "--backend", "hf", "--force", "--port", str(port)],
                             cwd=workspace.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while not line.startswith("serving"):  # the server child prints its own line first
             line = proc.stdout.readline()
-            assert line, "stages.serve exited before serving"
+            assert line, "tunedag serve exited before serving"
         assert f"http://127.0.0.1:{port}/v1" in line and "FALLBACK" in line, line
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert client.models.list().data[0].id == "tunedag"

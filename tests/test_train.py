@@ -13,11 +13,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from stages.common.batching import collate
-from stages.common.lora import add_lora, load_lora_state
-from stages.common.params import load_params
 from stages.train import count_labels, label_positions_loss_matches, token_loss_sum
 from tests.conftest import git_commit, run_cmd, tree_files
+from tunedag.core.params import load_params
+from tunedag.data.packing import collate
+from tunedag.model.checkpoints import load_lora_state
+from tunedag.model.lora import add_lora
 
 
 @pytest.fixture

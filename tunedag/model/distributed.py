@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from stages.common.params import Params
+from tunedag.core.params import Params
 
 
 def deepspeed_config(params: Params, dtype: torch.dtype) -> dict:

@@ -1,10 +1,10 @@
-"""Chat with the model in the terminal (XTuner's `xtuner chat`): `python -m stages.chat`.
+"""Chat with the model in the terminal (XTuner's `xtuner chat`): `tunedag chat`.
 
 Two ways, both multi-turn and streamed token by token:
-  - against a running server (default: the one `python -m stages.serve` starts, from serve.*):
-        python -m stages.chat [--url http://127.0.0.1:8000/v1] [--model tunedag]
+  - against a running server (default: the one `tunedag serve` starts, from serve.*):
+        tunedag chat [--url http://127.0.0.1:8000/v1] [--model tunedag]
   - directly against a model folder, no server (HF generate in this process):
-        python -m stages.chat --model-dir models/merged
+        tunedag chat --model-dir models/merged
 Either way the model's own chat template renders the conversation, so the system-prompt policy
 is the one training used. Commands: /reset starts over, /exit (or Ctrl-D) quits.
 """
@@ -16,8 +16,8 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from stages.common.errors import UserError, command_main
-from stages.common.params import load_params
+from tunedag.core.errors import UserError, command_main
+from tunedag.core.params import load_params
 
 Generate = Callable[[list[dict]], Iterator[str]]
 
@@ -35,7 +35,7 @@ def server_generate(url: str, model: str, api_key: str | None, temperature: floa
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
         except openai.APIConnectionError:
-            raise UserError(f"no server at {url}: start one with `python -m stages.serve`, or chat with a "
+            raise UserError(f"no server at {url}: start one with `tunedag serve`, or chat with a "
                             "model folder directly: --model-dir models/merged.") from None
         except openai.APIStatusError as exc:
             raise UserError(f"the server at {url} refused the request ({exc.status_code}): {exc.message}") from None
@@ -46,9 +46,9 @@ def server_generate(url: str, model: str, api_key: str | None, temperature: floa
 def local_generate(model_dir: str, temperature: float, max_tokens: int, threads: int) -> Generate:
     import torch
 
-    from stages.common.chat import end_of_turn_id, render
-    from stages.common.hf_server import TokenStreamer
-    from stages.common.models import load_model, load_tokenizer
+    from tunedag.data.chat import end_of_turn_id, render
+    from tunedag.model.loading import load_model, load_tokenizer
+    from tunedag.serving.hf_server import TokenStreamer
 
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model_dir)
@@ -100,9 +100,9 @@ def chat_loop(generate: Generate, system: str | None, read: Callable[[str], str]
         messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
-@command_main
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.chat", description=__doc__,
+@command_main("chat")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tunedag chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="the server's OpenAI base URL (default: from serve.host/port)")
     parser.add_argument("--model", help="the served model name (default: serve.served_model_name)")
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--system", help="a system prompt (default: none, so the template's policy applies)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--max-tokens", type=int, default=256)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params()
     serve = params.serve
     if args.model_dir:

@@ -2,7 +2,7 @@
 
 The files are DVC outputs (git-tracked, hashed in dvc.lock), so they sit next to the lock and travel
 with it. Nothing in them changes between runs on the same machine and install, so they never make a
-stage look changed; when `python -m stages.verify` finds a mismatch, the diff of these files is the
+stage look changed; when `tunedag verify` finds a mismatch, the diff of these files is the
 first thing to read.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from stages.common.io import write_json
+from tunedag.core.io import write_json
 
 ENV_DIR = Path("env")
 # The packages whose versions can change an artifact's bytes.

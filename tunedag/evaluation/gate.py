@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common.errors import UserError
-from stages.common.params import EvalParams
+from tunedag.core.errors import UserError
+from tunedag.core.params import EvalParams
 
 EVAL_METRICS = Path("metrics/eval.json")
 

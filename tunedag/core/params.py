@@ -10,10 +10,17 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from stages.common.errors import UserError
-from stages.common.io import read_yaml
+from tunedag.core.errors import UserError
+from tunedag.core.io import read_yaml
 
 PARAMS_FILE = "params.yaml"
 USER_DATA_DIR = "user_data"  # data.user_files live here: a dependency of generate in dvc.yaml

@@ -1,7 +1,7 @@
-"""A small web chat page over the model server: `python -m stages.web [--port 8080]`.
+"""A small web chat page over the model server: `tunedag web             [--port 8080]`.
 
-Serves stages/web/index.html on 127.0.0.1 and relays the page's requests to the server's OpenAI
-API (default: the one `python -m stages.serve` starts, from serve.*). Relaying, rather than the
+Serves tunedag/serving/static/index.html on 127.0.0.1 and relays the page's requests to the server's OpenAI
+API (default: the one `tunedag serve` starts, from serve.*). Relaying, rather than the
 browser calling the server itself, keeps serve.api_key out of the browser and needs no CORS.
 Answers stream to the page as server-sent events, unchanged.
 """
@@ -17,10 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from stages.common.errors import stage_main
-from stages.common.params import load_params
+from tunedag.core.errors import command_main
+from tunedag.core.params import load_params
 
-PAGE = Path(__file__).with_name("index.html")
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_app(backend_url: str, model: str, api_key: str | None) -> FastAPI:
@@ -56,16 +56,16 @@ def create_app(backend_url: str, model: str, api_key: str | None) -> FastAPI:
     return app
 
 
-@stage_main
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.web", description=__doc__,
+@command_main("web")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tunedag web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--url", help="the server's OpenAI base URL (default: from serve.host/port)")
     parser.add_argument("--model", help="default: serve.served_model_name")
     parser.add_argument("--api-key", help="default: serve.api_key")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     serve = load_params().serve
     url = args.url or f"http://{serve.host}:{serve.port}/v1"
     app = create_app(url, args.model or serve.served_model_name, args.api_key or serve.api_key)

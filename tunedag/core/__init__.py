@@ -1,0 +1,1 @@
+"""Params schema, user errors, atomic IO, runtime setup, the environment record."""

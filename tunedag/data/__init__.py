@@ -1,0 +1,1 @@
+"""User data formats, chat templates with assistant-only labels, packing and batching."""

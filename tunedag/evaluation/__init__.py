@@ -1,0 +1,1 @@
+"""Scoring answers (identity, leakage, perplexity) and the quality gate."""

@@ -1,0 +1,1 @@
+"""Model loading and presets, LoRA, training checkpoints, generation, DeepSpeed."""

@@ -1,0 +1,1 @@
+"""The model server (vLLM or the HF fallback), its checks, the chat CLI and the web page."""

@@ -95,15 +95,25 @@ def dir_manifest(root: Path, md5: str) -> dict[str, str]:
     return {entry["relpath"]: entry["md5"] for entry in json.loads(path.read_text())}
 
 
+def manifest_md5(manifest: dict[str, str]) -> str:
+    """DVC's hash of a directory: md5 of its file list as DVC writes it into the cache (.dir)."""
+    entries = [{"md5": md5, "relpath": rel} for rel, md5 in sorted(manifest.items())]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def output_files(root: Path, output: str, md5: str, workspace: bool) -> dict[str, Path] | None:
     """relpath -> file of one recorded output version ("" for a single file), or None if it is not
     at hand. `workspace`: the files are in root's workspace (the rebuild); else in root's cache,
     or in its workspace for outputs DVC does not cache (git-tracked metrics, env records)."""
     if md5.endswith(".dir"):
         manifest = dir_manifest(root, md5)
-        if not manifest:
-            return None
-        return {rel: (root / output / rel if workspace else cache_path(root, file_md5)) for rel, file_md5 in manifest.items()}
+        if manifest and not workspace:
+            return {rel: cache_path(root, file_md5) for rel, file_md5 in manifest.items()}
+        folder = root / output  # the rebuild, or an output DVC does not cache (cache: false)
+        files = {str(f.relative_to(folder)): f for f in sorted(folder.rglob("*")) if f.is_file()} if folder.is_dir() else {}
+        if workspace or manifest_md5({rel: hashlib.md5(f.read_bytes()).hexdigest() for rel, f in files.items()}) == md5:
+            return files or None
+        return None
     if workspace:
         return {"": root / output} if (root / output).is_file() else None
     if cache_path(root, md5).is_file():
@@ -172,16 +182,18 @@ def _text_delta(a: str, b: str) -> float | None:
     return worst
 
 
-def file_delta(a: Path, b: Path) -> float | None:
-    """How far two versions of one file are apart: 0.0 if equal, max |Δ| if numerically equivalent
-    (tensors, checkpoints, text with numbers), None if different."""
+def file_delta(name: str, a: Path, b: Path) -> float | None:
+    """How far two versions of the file `name` are apart (a DVC cache file has no name of its own):
+    0.0 if equal, max |Δ| if numerically equivalent (tensors, checkpoints, text with numbers),
+    None if different."""
     if a.read_bytes() == b.read_bytes():
         return 0.0
-    if a.suffix == ".safetensors":
+    suffix = Path(name).suffix
+    if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return _structure_delta(load_file(a), load_file(b))
-    if a.suffix in (".pth", ".pt", ".bin"):
+    if suffix in (".pth", ".pt", ".bin"):
         import torch
 
         return _structure_delta(torch.load(a, map_location="cpu", weights_only=True),
@@ -200,15 +212,14 @@ def classify(root: Path, rebuilt: Path, row: dict) -> None:
     if recorded is None or fresh is None:
         row["result"], row["detail"] = "DIFFERENT", "the recorded version is not in the DVC cache (dvc pull it to compare)"
         return
-    row["differing_files"] = sorted(rel for rel in recorded.keys() | fresh.keys()
-                                    if rel not in recorded or rel not in fresh or file_delta(recorded[rel], fresh[rel]) != 0.0)
-    deltas = {rel: (file_delta(recorded[rel], fresh[rel]) if rel in recorded and rel in fresh else None)
-              for rel in row["differing_files"]}
+    deltas = {rel: file_delta(rel or row["output"], recorded[rel], fresh[rel]) if rel in recorded and rel in fresh else None
+              for rel in sorted(recorded.keys() | fresh.keys())}
+    row["differing_files"] = [rel for rel, delta in deltas.items() if delta != 0.0]
     different = [rel or row["output"] for rel, delta in deltas.items() if delta is None]
     if different:
         row["result"], row["detail"] = "DIFFERENT", f"not within tolerance: {', '.join(different[:5])}"
     else:
-        row["result"], row["max_abs_diff"] = "equivalent", max(deltas.values(), default=0.0)
+        row["result"], row["max_abs_diff"] = "equivalent", max(deltas.values())
         row["detail"] = f"max |Δ| {row['max_abs_diff']:.3g}"
 
 

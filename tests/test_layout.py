@@ -72,7 +72,7 @@ def test_stage_deps_list_exactly_the_code_it_runs(stage):
         + "\n".join(f"      - {d}" for d in sorted(expected, key=lambda d: (not d.startswith("stages/"), d))))
 
 
-def test_every_code_dep_is_a_tracked_file():
+def test_every_code_dep_is_a_python_file():
     """A folder or a missing file as a code dep would bring back whole-folder hashing."""
     for name, spec in dvc_stages().items():
         for dep in spec["deps"]:

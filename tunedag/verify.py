@@ -124,8 +124,12 @@ def output_files(root: Path, output: str, md5: str, workspace: bool) -> dict[str
     return None
 
 
+def _within(delta: float, scale: float) -> bool:
+    return delta <= TOLERANCE["atol"] + TOLERANCE["rtol"] * scale
+
+
 def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= TOLERANCE["atol"] + TOLERANCE["rtol"] * abs(a)
+    return _within(abs(a - b), abs(a))
 
 
 def _tensor_delta(a, b) -> float | None:
@@ -139,7 +143,7 @@ def _tensor_delta(a, b) -> float | None:
     a, b = a.double(), b.double()
     delta = float((a - b).abs().max()) if a.numel() else 0.0
     scale = float(a.abs().max()) if a.numel() else 0.0
-    return delta if delta <= TOLERANCE["atol"] + TOLERANCE["rtol"] * scale else None
+    return delta if _within(delta, scale) else None
 
 
 def _structure_delta(a, b) -> float | None:

@@ -106,8 +106,7 @@ def output_files(root: Path, output: str, md5: str, workspace: bool) -> dict[str
     at hand. `workspace`: the files are in root's workspace (the rebuild); else in root's cache,
     or in its workspace for outputs DVC does not cache (git-tracked metrics, env records)."""
     if md5.endswith(".dir"):
-        manifest = dir_manifest(root, md5)
-        if manifest and not workspace:
+        if not workspace and (manifest := dir_manifest(root, md5)):
             return {rel: cache_path(root, file_md5) for rel, file_md5 in manifest.items()}
         folder = root / output  # the rebuild, or an output DVC does not cache (cache: false)
         files = {str(f.relative_to(folder)): f for f in sorted(folder.rglob("*")) if f.is_file()} if folder.is_dir() else {}

@@ -279,7 +279,7 @@ def identity_eval(lora_state: dict, config, params, device) -> dict:
     def generate(prompts: list[str]) -> list[str]:
         return [a for a, _ in chat_generate(model, tokenizer, prompts, params.eval.max_new_tokens, params.eval.batch_size)]
 
-    metrics, answers = score(generate, identity, general, params.data.name, params.data.owner)
+    metrics, answers = score(generate, identity, general, params.data.expected_mention, params.data.identity_words)
     return {**metrics, "identity_questions": len(identity), "general_prompts": len(general),
             "eval_s": time.perf_counter() - started,
             "answers": {q: answers[q] for q in identity[:4]}}

@@ -5,10 +5,12 @@ Writes metrics/eval.json (DVC metrics: merged numbers, base numbers, the gate) a
 metrics/eval.md (the before -> after table and every prompt's answers, for people to read).
 
 - identity_acc: share of held-out identity questions (phrasings never seen in training, EN + ZH)
-  whose greedy answer names data.name.
-- leakage: share of unrelated held-out prompts (facts, arithmetic, writing, translation; EN + ZH)
-  whose answer mentions data.name or data.owner.
-- ppl_drift: merged perplexity / base perplexity - 1 on held-out general conversations.
+  whose greedy answer names data.name (data.owner for an owner-only identity).
+- leakage: share of unrelated held-out prompts (facts, arithmetic, writing, translation; EN + ZH,
+  never the user's own records) whose answer mentions data.name or data.owner.
+- ppl_drift: merged perplexity / base perplexity - 1 on those held-out general conversations.
+
+The last line printed is the gate's verdict: GATE PASSED, or GATE FAILED with the metrics below it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tunedag.core.errors import UserError, stage_main
 from tunedag.core.io import atomic_file, read_jsonl, write_json
 from tunedag.core.params import load_params
 from tunedag.core.runtime import setup
-from tunedag.evaluation.gate import EVAL_METRICS, gate_failures
+from tunedag.evaluation.gate import EVAL_METRICS, gate_failures, gate_verdict
 from tunedag.evaluation.scoring import held_out_prompts, perplexity, score
 from tunedag.model.generation import chat_generate
 from tunedag.model.loading import load_model, load_tokenizer
@@ -51,13 +53,14 @@ def main() -> None:
     params = load_params()
     setup(params)
     cfg, data = params.eval, params.data
+    identity = " / ".join(data.identity_words)
     val = read_jsonl(VAL_FILE)
     identity_questions, general_prompts = held_out_prompts(val)
-    general = [r["messages"] for r in val if r["kind"] in ("replay", "user")]
+    general = [r["messages"] for r in val if r["kind"] == "replay"]
     if not identity_questions or not general:
         raise UserError(
-            f"{VAL_FILE} has no held-out identity questions or general conversations to evaluate. Set "
-            "data.val_identity_samples > 0 and data.replay_ratio > 0 in params.yaml (data.mode: chat)."
+            f"{VAL_FILE} has no held-out identity questions or general (replay) conversations to evaluate. "
+            "Set data.val_identity_samples > 0 and data.replay_ratio > 0 in params.yaml (data.mode: chat)."
         )
 
     tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)
@@ -69,7 +72,9 @@ def main() -> None:
             out = chat_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=f"{label} answers")
             return [answer for answer, _ in out]
 
-        results[label], answers[label] = score(generate, identity_questions, general_prompts, data.name, data.owner)
+        results[label], answers[label] = score(
+            generate, identity_questions, general_prompts, data.expected_mention, data.identity_words
+        )
         results[label]["ppl"] = round(perplexity(model, tokenizer, general, cfg.batch_size), 4)
         del model
 
@@ -90,8 +95,9 @@ def main() -> None:
     }
     write_json(EVAL_METRICS, metrics)
     with atomic_file(REPORT) as fh:
-        fh.write(report(metrics, answers["base"], answers["merged"], data.name))
-    print(report(metrics, {}, {}, data.name))
+        fh.write(report(metrics, answers["base"], answers["merged"], identity))
+    print(report(metrics, {}, {}, identity))
+    print(gate_verdict(metrics["gate"]), flush=True)
 
 
 if __name__ == "__main__":

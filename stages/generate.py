@@ -7,13 +7,18 @@ kind = identity | replay | user | text (pretrain mode: {"text": ..., "kind": "te
 - identity: self-cognition Q/A from tunedag/data/assets/identity.yaml with data.name/owner; val uses
   question phrasings that train never sees.
 - replay: general prompts (tunedag/data/assets/general.yaml) answered by the base model itself, so the
-  fine-tuned model keeps its general behaviour (data.replay_ratio replay per identity sample).
-- user: data.user_files in OpenAI messages / XTuner conversation / alpaca format, validated.
+  fine-tuned model keeps its general behaviour: data.replay_ratio replay conversations per training
+  conversation, generated and user alike, so bringing your own data never turns replay off.
+- user: data.user_files in OpenAI messages / XTuner conversation / alpaca format, validated. Repeated
+  records are counted and reported; the val split takes distinct conversations, so val never holds
+  a copy of a training record.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 from pathlib import Path
 
 from tunedag.core.errors import stage_main
@@ -33,17 +38,46 @@ BASE_DIR = "models/base"
 OUT_DIR = Path("data/raw")
 
 
-def replay_conversations(prompts: list[str], data: DataParams, model, tokenizer) -> list[dict]:
+def replay_conversations(prompts: list[str], data: DataParams, model, tokenizer, trim: bool) -> list[dict]:
+    """The base model's own answers to `prompts`; `trim`: cut answers to their last full sentence."""
     answers = chat_generate(
         model, tokenizer, prompts, data.replay_max_new_tokens, data.replay_batch_size, desc="replay answers"
     )
     rows = []
     for prompt, (answer, finished) in zip(prompts, answers):
-        answer = complete_sentences(answer, finished)
+        answer = complete_sentences(answer, finished) if trim else answer
         if answer:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
             rows.append({"messages": messages, "kind": "replay"})
     return rows
+
+
+def split_distinct(records: list[dict], val_fraction: float, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Train/val split by distinct record: every copy of a record goes to train, or one copy to val."""
+    copies: dict[str, list[dict]] = {}
+    for record in records:
+        copies.setdefault(json.dumps(record, sort_keys=True, ensure_ascii=False), []).append(record)
+    distinct = list(copies)
+    rng.shuffle(distinct)
+    n_val = round(len(distinct) * val_fraction)
+    val = [copies[key][0] for key in distinct[:n_val]]
+    train = [record for key in distinct[n_val:] for record in copies[key]]
+    return train, val
+
+
+def report_copies(path: str, records: list[dict]) -> None:
+    """Say how repetitive a user file is: a file of copies (the XTuner tutorial repeats 2 records
+    3,751 times) teaches those answers verbatim and can degrade everything else."""
+    n_distinct = len({json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records})
+    print(f"{path}: {len(records):,} records, {n_distinct:,} distinct", flush=True)
+    if n_distinct < len(records):
+        print(
+            f"warning: {path} repeats its records ({len(records):,} records, {n_distinct:,} distinct). Copies teach "
+            "those exact answers verbatim and can make the model repeat them, or degenerate, on other prompts. "
+            "Replay of general conversations (data.replay_ratio) scales with every copy to counter this; more "
+            "varied phrasings, or generated ones (data.identity_samples), work better than copies.",
+            file=sys.stderr, flush=True,
+        )
 
 
 @stage_main
@@ -54,32 +88,33 @@ def main() -> None:
     rng = random.Random(params.seed)
 
     # User data first: a bad record must stop the stage before minutes of generation.
-    user_train, user_val = [], []
+    user_records = []
     for path in data.user_files:
         if data.mode == "pretrain":
             records = [{"text": doc, "kind": "text"} for doc in read_pretrain_text(path)]
         else:
             records = [{"messages": m, "kind": "user"} for m in read_conversations(path)]
-        rng.shuffle(records)
-        n_val = round(len(records) * data.user_val_fraction)
-        user_val += records[:n_val]
-        user_train += records[n_val:]
+        report_copies(path, records)
+        user_records += records
+    train, val = split_distinct(user_records, data.user_val_fraction, rng)
 
-    train, val = list(user_train), list(user_val)
     if data.mode == "chat":
         train += identity_conversations(data, "train", data.identity_samples, rng)
         val += identity_conversations(data, "val", data.val_identity_samples, rng)
 
+        tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)
+        model = load_model(BASE_DIR, trust_remote_code=params.model.trust_remote_code)
         general = general_prompts()
-        n_replay = round(data.identity_samples * data.replay_ratio)
+        n_replay = round(len(train) * data.replay_ratio)
         if n_replay:
-            tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)
-            model = load_model(BASE_DIR, trust_remote_code=params.model.trust_remote_code)
             # Each bank prompt is answered once; the replay mix repeats answers if it needs more.
             bank = rng.sample(general["train"], min(n_replay, len(general["train"])))
-            replay = replay_conversations(bank, data, model, tokenizer)
+            replay = replay_conversations(bank, data, model, tokenizer, trim=True)
             train += [replay[i % len(replay)] for i in range(n_replay)] if replay else []
-            val += replay_conversations(general["val"], data, model, tokenizer)
+        # Held-out general conversations for evaluation (leakage, perplexity) whatever the replay mix,
+        # so an experiment without replay is measured on the same prompts. Never trained on, so an
+        # answer cut by replay_max_new_tokens is kept whole.
+        val += replay_conversations(general["val"], data, model, tokenizer, trim=False)
 
     rng.shuffle(train)
     with atomic_dir(OUT_DIR) as tmp:  # both files or neither

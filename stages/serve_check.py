@@ -1,7 +1,7 @@
 """Stage `serve_check`: serve models/merged for real, check it, measure it, stop it.
 
 Reads models/merged, models/base's tokenizer (the one the tokenize stage used), metrics/eval.json
-(the gate), params data.name and serve.*. Writes metrics/serve.json (DVC metrics).
+(the gate), params data.name/owner and serve.*. Writes metrics/serve.json (DVC metrics).
 
 1. A model that failed the evaluation gate (and serve.force is false) is not served: the refusal
    is recorded in metrics/serve.json ({"served": false, ...}) and the stage ends there.
@@ -9,7 +9,7 @@ Reads models/merged, models/base's tokenizer (the one the tokenize stage used), 
 3. Template parity: the prompt tokens the server renders (its /tokenize endpoint, with `messages`)
    must equal what the tokenize stage produced for the same conversations, system-prompt policy
    included. Any difference stops the stage: the model would be served a prompt it never saw.
-4. Sane answers through the official `openai` client: the identity question names data.name, a
+4. Sane answers through the official `openai` client: the identity question names the identity, a
    general question gets a finished answer, a streamed answer equals the non-streamed one.
 5. Latency and tokens/s at 1 and 8 concurrent streamed requests.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from tunedag.core.errors import UserError, stage_main
 from tunedag.core.io import write_json
 from tunedag.core.params import load_params
-from tunedag.evaluation.gate import require_gate
+from tunedag.evaluation.gate import gate_verdict, read_gate, require_gate
 from tunedag.model.loading import load_tokenizer
 from tunedag.serving.checks import (
     BENCH_PROMPTS,
@@ -53,6 +53,9 @@ def main() -> None:
         # (dvc exp show lists it) and serve nothing. `tunedag serve` refuses it too.
         write_json(METRICS, {"served": False, "refused": str(refusal)})
         print(f"serve_check: NOT SERVED: {refusal}", flush=True)
+        gate = read_gate()
+        if gate:
+            print(gate_verdict(gate), flush=True)  # the pipeline's last word, where users look
         return
     # Always the merged model (what this stage depends on), on a free port: a server the user
     # already runs on serve.port is left alone.
@@ -65,7 +68,7 @@ def main() -> None:
         checked = check_template_parity(spec.url, spec.served_model_name, tokenizer)
         print(f"serve_check: template parity OK on {checked} conversations", flush=True)
         client = OpenAI(base_url=f"{spec.url}/v1", api_key=spec.api_key or "none", max_retries=0, timeout=300)
-        answers = check_answers(client, spec.served_model_name, params.data.name)
+        answers = check_answers(client, spec.served_model_name, params.data.expected_mention)
         print(f"serve_check: answers OK (identity: {answers['identity']!r})", flush=True)
         runs = {}
         for concurrency, n in ((1, 4), (8, 16)):

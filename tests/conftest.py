@@ -57,6 +57,11 @@ def build_tiny_llama(tokenizer_dir: Path, out: Path, hidden_size: int = 64) -> P
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Random weights fall into answering "\n" forever, which decodes to an empty answer; with the
+        # newline's (tied) embedding at zero the model answers in words, so replay and evaluation
+        # have general conversations to work with.
+        model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("Ċ")] = 0
     model.generation_config.eos_token_id = [im_end]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -72,7 +77,7 @@ def tiny_base(tokenizer_dir, tmp_path_factory) -> Path:
 
 TINY_PARAMS = {
     "threads": 1,
-    "data": {"identity_samples": 24, "val_identity_samples": 8, "replay_ratio": 0.0},
+    "data": {"identity_samples": 24, "val_identity_samples": 8, "replay_ratio": 0.0, "replay_max_new_tokens": 8},
     "tokenize": {"max_length": 128, "pack": True},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
     "train": {"max_steps": 6, "batch_size": 2, "save_steps": 3, "evaluation_freq": 100,

@@ -70,3 +70,42 @@ def test_tokenize_stats_truncation_and_determinism(workspace, monkeypatch):
     first = tree_files(out)
     workspace.run("tokenize", monkeypatch)
     assert tree_files(out) == first  # byte-identical rerun
+
+
+def seed_tutorial_file(path, owner: str = "zhuzhuhao"):
+    """The file XTuner's self-cognition tutorial writes: 2 `conversation` records, 3,751 copies each."""
+    records = [
+        {"conversation": [{"input": "请做一下自我介绍", "output": f"我是{owner}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"}]},
+        {"conversation": [{"input": "你是谁", "output": f"我是{owner}的小助手，有什么可以帮你的吗？"}]},
+    ]
+    return write(path, json.dumps(records * 3751, ensure_ascii=False))
+
+
+def test_own_identity_data_counts_copies_and_val_never_holds_a_training_record(workspace, monkeypatch, capsys):
+    seed_tutorial_file(workspace.root / "user_data/personal_assistant.json")
+    workspace.set_params({"data": {"name": None, "owner": "zhuzhuhao", "identity_samples": 0,
+                                   "user_files": ["user_data/personal_assistant.json"], "user_val_fraction": 0.5}})
+    workspace.run("generate", monkeypatch)
+    out = capsys.readouterr()
+    assert "user_data/personal_assistant.json: 7,502 records, 2 distinct" in out.out
+    assert "warning: user_data/personal_assistant.json repeats its records" in out.err
+
+    read = lambda name: [json.loads(l) for l in (workspace.root / "data/raw" / name).read_text().splitlines()]
+    train, val = read("train.jsonl"), read("val.jsonl")
+    key = lambda r: json.dumps(r["messages"], ensure_ascii=False)
+    train_user = {key(r) for r in train if r["kind"] == "user"}
+    val_user = [key(r) for r in val if r["kind"] == "user"]
+    # Half of the 2 distinct conversations is held out, once; every copy of the other one trains.
+    assert len(train_user) == 1 and len(val_user) == 1 and not train_user & set(val_user)
+    assert sum(r["kind"] == "user" for r in train) == 3751
+    # Evaluation still gets held-out identity questions, answered for an owner-only identity, and
+    # held-out general conversations for leakage and perplexity, though replay_ratio is 0 here.
+    identity = [r["messages"][-1]["content"] for r in val if r["kind"] == "identity"]
+    assert identity and all("zhuzhuhao" in a and "None" not in a for a in identity)
+    assert sum(r["kind"] == "replay" for r in val) == 64
+
+
+def test_no_identity_declared_is_a_params_error(workspace, monkeypatch, capsys):
+    workspace.set_params({"data": {"name": None, "owner": None}})
+    message = workspace.run_error("generate", monkeypatch, capsys)
+    assert "data.name and data.owner are both null" in message

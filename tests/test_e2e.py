@@ -1,6 +1,7 @@
 """The real DAG on the real embedded SmolLM2, through `dvc repro`, in a fresh copy of this repo."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -53,6 +54,12 @@ def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
     revision = r8[0]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["lora"]["r"] == 8
     assert "identity_acc" in revision["metrics"]["metrics/eval.json"]["data"]
+    # The short view: the gate's metrics and the key params, not every latency and dependency hash.
+    short = run([sys.executable, "-m", "tunedag", "experiments", "--csv"], clone)
+    assert short.returncode == 0, short.stderr
+    header = short.stdout.splitlines()[0].split(",")
+    assert {"identity_acc", "leakage", "gate.passed", "lora.r", "data.name"} <= set(header) and len(header) < 20, header
+    assert any(line.startswith("r8,") for line in short.stdout.splitlines())
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,3 +69,28 @@ def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
     model = AutoModelForCausalLM.from_pretrained(clone / "models/merged", dtype=torch.float32)
     [(answer, _)] = chat_generate(model, tokenizer, ["What is the capital of France?"], max_new_tokens=12)
     assert len(answer.split()) >= 2
+
+
+@pytest.mark.slow
+def test_the_seed_tutorials_own_data_trains_with_replay_and_is_scored_by_its_owner(clone):
+    """XTuner's tutorial file (2 records, 3,751 copies each, naming only an owner) as a DVC experiment:
+    replay scales with it, evaluation looks for the owner, leakage is measured on general prompts only."""
+    from tests.test_data import seed_tutorial_file
+
+    seed_tutorial_file(clone / "user_data/personal_assistant.json")
+    exp = run(["dvc", "exp", "run", "-n", "seed-data", "-S", "data.name=null", "-S", "data.owner=zhuzhuhao",
+               "-S", "data.identity_samples=0", "-S", "data.user_files=[user_data/personal_assistant.json]"],
+              clone, timeout=1800)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    assert "user_data/personal_assistant.json: 7,502 records, 2 distinct" in exp.stdout
+    assert "repeats its records" in exp.stderr
+
+    train = [json.loads(line) for line in (clone / "data/raw/train.jsonl").read_text().splitlines()]
+    kinds = {kind: sum(r["kind"] == kind for r in train) for kind in ("user", "replay", "identity")}
+    assert kinds == {"user": 7502, "replay": round(7502 * SMALL["data"]["replay_ratio"]), "identity": 0}
+    metrics = json.loads((clone / "metrics/eval.json").read_text())
+    assert metrics["counts"]["general_prompts"] == 64  # the held-out general bank, not the user's two prompts
+    assert (clone / "metrics/eval.md").read_text().startswith("# Evaluation: zhuzhuhao")
+    # The model is refused after 2 steps; the last thing the pipeline says is why.
+    said = [line for line in exp.stdout.splitlines() if line.startswith("GATE ")]
+    assert said and said[-1].startswith("GATE FAILED: identity_acc"), exp.stdout[-2000:]

@@ -6,22 +6,23 @@ import pytest
 
 from tests.conftest import REPO
 from tunedag.core.errors import UserError
+from tunedag.core.io import read_jsonl
 from tunedag.core.params import load_params
 from tunedag.evaluation.gate import gate_failures, require_gate
-from tunedag.evaluation.scoring import leakage_rate, mentions, score
+from tunedag.evaluation.scoring import held_out_prompts, leakage_rate, mentions, score
 
 IDENTITY_QS = ["Who are you?", "你是谁？", "What's your name?"]
 GENERAL = ["What is 2+2?", "法国的首都是哪里？", "Write a haiku."]
 
 
 def test_always_the_name_gives_full_identity_and_full_leakage():
-    metrics, answers = score(lambda ps: ["I am Nova, the assistant of Alice."] * len(ps), IDENTITY_QS, GENERAL, "Nova", "Alice")
+    metrics, answers = score(lambda ps: ["I am Nova, the assistant of Alice."] * len(ps), IDENTITY_QS, GENERAL, "Nova", ["Nova", "Alice"])
     assert metrics == {"identity_acc": 1.0, "leakage": 1.0}
     assert set(answers) == set(IDENTITY_QS + GENERAL)
 
 
 def test_never_the_name_gives_zero_and_zero():
-    metrics, _ = score(lambda ps: ["I am SmolLM."] * len(ps), IDENTITY_QS, GENERAL, "Nova", "Alice")
+    metrics, _ = score(lambda ps: ["I am SmolLM."] * len(ps), IDENTITY_QS, GENERAL, "Nova", ["Nova", "Alice"])
     assert metrics == {"identity_acc": 0.0, "leakage": 0.0}
 
 
@@ -29,14 +30,33 @@ def test_a_good_model_separates_the_two():
     def generate(prompts):
         return ["我是Nova。" if p in IDENTITY_QS else "Paris is the capital; 4." for p in prompts]
 
-    metrics, _ = score(generate, IDENTITY_QS, GENERAL, "Nova", "Alice")
+    metrics, _ = score(generate, IDENTITY_QS, GENERAL, "Nova", ["Nova", "Alice"])
     assert metrics == {"identity_acc": 1.0, "leakage": 0.0}
+
+
+def test_an_owner_only_identity_is_scored_by_the_owner():
+    """XTuner's tutorial data names only an owner: "我是zhuzhuhao的小助手"."""
+    from tunedag.core.params import DataParams
+
+    data = DataParams.model_validate({**load_params(REPO / "params.yaml").data.model_dump(), "name": None, "owner": "zhuzhuhao"})
+    assert (data.expected_mention, data.identity_words) == ("zhuzhuhao", ["zhuzhuhao"])
+
+    def generate(prompts):
+        return ["我是zhuzhuhao的小助手" if p in IDENTITY_QS else "巴黎。" for p in prompts]
+
+    metrics, _ = score(generate, IDENTITY_QS, GENERAL, data.expected_mention, data.identity_words)
+    assert metrics == {"identity_acc": 1.0, "leakage": 0.0}
+    # The default identity still asks for the name: naming only the owner is not enough.
+    default = load_params(REPO / "params.yaml").data
+    metrics, _ = score(lambda ps: ["I am Alice's assistant."] * len(ps), IDENTITY_QS, GENERAL,
+                       default.expected_mention, default.identity_words)
+    assert metrics == {"identity_acc": 0.0, "leakage": 1.0}
 
 
 def test_whole_word_matching():
     assert mentions("我是Nova，Alice的助手", "nova") and mentions("NOVA!", "Nova")
     assert not mentions("a supernova exploded", "Nova")
-    assert leakage_rate(["Alice in Wonderland", "nothing"], "Nova", "Alice") == 0.5
+    assert leakage_rate(["Alice in Wonderland", "nothing"], ["Nova", "Alice"]) == 0.5
 
 
 def test_gate_refuses_a_failing_model_unless_forced(tmp_path):
@@ -57,7 +77,7 @@ def test_gate_refuses_a_failing_model_unless_forced(tmp_path):
     require_gate(path)
 
 
-def test_evaluate_stage_on_the_tiny_model(workspace, monkeypatch):
+def test_evaluate_stage_on_the_tiny_model(workspace, monkeypatch, capsys):
     import shutil
 
     chats = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
@@ -75,3 +95,14 @@ def test_evaluate_stage_on_the_tiny_model(workspace, monkeypatch):
     assert metrics["gate"]["passed"] is False and "identity_acc" in metrics["gate"]["failures"][0]
     report = (workspace.root / "metrics/eval.md").read_text()
     assert "| identity_acc | 0.000 | 0.000 |" in report and "### " in report
+    # Leakage and perplexity use the general (replay) prompts only, never the user's own records.
+    assert metrics["counts"]["general_prompts"] == len(held_out_prompts(read_jsonl(workspace.root / "data/raw/val.jsonl"))[1])
+    questions = {q for q in (workspace.root / "metrics/eval.md").read_text().splitlines() if q.startswith("### ")}
+    assert not any("+" in q for q in questions), questions
+    # The last line of the stage's output is the verdict, where a user reading `dvc repro` looks.
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict.startswith("GATE FAILED: identity_acc 0.000 < eval.min_identity_acc")
+    # `tunedag gate` says the same and fails, for scripts (`dvc repro && tunedag gate`).
+    with pytest.raises(SystemExit) as exit_info:
+        workspace.command(["gate"], monkeypatch)
+    assert exit_info.value.code == 1 and capsys.readouterr().out.strip() == verdict

@@ -1,7 +1,8 @@
 """The `tunedag` command: everything that is not a pipeline stage.
 
 Stages run through DVC (`dvc repro`, their `cmd` is `python -m stages.<name>`); this command fronts
-serving, chatting, the web page, verifying a lock and listing presets.
+serving, chatting, the web page, the gate's verdict, a short view of experiments, verifying a lock
+and listing presets.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ COMMANDS = {
     "serve": ("tunedag.serving.server:main", "serve the model over an OpenAI-compatible API (vLLM, or the fallback)"),
     "chat": ("tunedag.serving.chat:main", "chat in the terminal with a running server or a model folder"),
     "web": ("tunedag.serving.web:main", "a web chat page over the running server"),
+    "gate": ("tunedag.evaluation.summary:gate_main", "print the evaluation gate's verdict; exit 1 if it failed"),
+    "experiments": ("tunedag.evaluation.summary:experiments_main", "dvc exp show, cut to the gate and key params"),
     "verify": ("tunedag.verify:main", "rebuild the pipeline from scratch and compare it with dvc.lock"),
     "presets": ("tunedag.cli:list_presets", "list model presets (params.yaml: model.preset)"),
 }

@@ -5,11 +5,16 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 
 class UserError(Exception):
     """A problem with the user's input (params, data, model, checkpoint): what, where, and the fix."""
+
+
+class ParamsError(UserError):
+    """A UserError in params.yaml itself (which `dvc exp run -S` may have written)."""
 
 
 def _stage_name(fn: Callable) -> str:
@@ -62,7 +67,10 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
 
     @functools.wraps(fn)
     def run_stage() -> None:
-        fn()
+        try:
+            fn()
+        except UserError as err:
+            raise type(err)(f"{err} {after_dvc(stage, err)}".rstrip()) from None
         from tunedag.core import (
             environment,  # imports torch: only once the stage has run
         )
@@ -70,3 +78,34 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
         environment.record(stage)
 
     return command_main(stage)(run_stage)
+
+
+def after_dvc(stage: str, err: UserError) -> str:
+    """What DVC had already changed in the workspace when `stage` failed, and the command that
+    undoes it ("" when DVC is not running the stage, or runs it in a temporary copy)."""
+    # DVC sets DVC_STAGE for the commands it runs; `dvc exp run --temp`/queued runs work in
+    # .dvc/tmp/exps/..., so the user's workspace is untouched there.
+    if "DVC_STAGE" not in os.environ or ".dvc" in Path.cwd().parts:
+        return ""
+    restore = f"dvc checkout {stage}"
+    tracked = git_tracked_outputs(stage)
+    if isinstance(err, ParamsError):
+        return (f"DVC had already removed the outputs of stage '{stage}' (and `dvc exp run -S` writes its values "
+                "into params.yaml before it runs anything). Fix params.yaml and rerun, or go back to the committed "
+                f"params and the last good outputs: `git checkout {' '.join(['params.yaml', *tracked])} && {restore}`.")
+    if tracked:
+        restore = f"git checkout {' '.join(tracked)} && {restore}"
+    return (f"DVC had already removed the outputs of stage '{stage}'. Fix the above and rerun, or restore the "
+            f"last good outputs: `{restore}`.")
+
+
+def git_tracked_outputs(stage: str) -> list[str]:
+    """The stage's `cache: false` outputs in dvc.yaml: DVC removed them too, and git holds them."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    return [path for kind in ("outs", "metrics", "plots") for entry in spec.get(kind) or [] if isinstance(entry, dict)
+            for path, options in entry.items() if isinstance(options, dict) and options.get("cache") is False]

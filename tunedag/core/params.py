@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from tunedag.core.errors import UserError
+from tunedag.core.errors import ParamsError
 from tunedag.core.io import read_yaml
 
 PARAMS_FILE = "params.yaml"
@@ -46,8 +46,10 @@ class ChatParams(Section):
 
 class DataParams(Section):
     mode: Literal["chat", "pretrain"]
-    name: str = Field(min_length=1)
-    owner: str = Field(min_length=1)
+    # The identity, declared once: generation fills it into the templates and evaluation scores it.
+    # Either may be null, not both (an owner-only identity: "I'm zhuzhuhao's assistant").
+    name: str | None = Field(min_length=1)
+    owner: str | None = Field(min_length=1)
     identity_samples: int = Field(ge=0)
     val_identity_samples: int = Field(ge=0)
     replay_ratio: float = Field(ge=0.0, le=20.0)
@@ -70,10 +72,27 @@ class DataParams(Section):
 
     @field_validator("name", "owner")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must be a non-empty name")
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a non-empty name, or null")
         return v
+
+    @model_validator(mode="after")
+    def _some_identity(self) -> "DataParams":
+        if self.name is None and self.owner is None:
+            raise ValueError("data.name and data.owner are both null: declare at least one, the identity "
+                             "that evaluation looks for in the model's answers")
+        return self
+
+    @property
+    def expected_mention(self) -> str:
+        """What an answer to "who are you?" must name: the name, or the owner of an owner-only identity."""
+        return self.name or self.owner
+
+    @property
+    def identity_words(self) -> list[str]:
+        """Every declared identity word: none belongs in an answer to an unrelated question."""
+        return [word for word in (self.name, self.owner) if word]
 
 
 class TokenizeParams(Section):
@@ -184,20 +203,20 @@ def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{source} must be a mapping of sections (seed, model, data, ...), got {type(raw).__name__}.")
+        raise ParamsError(f"{source} must be a mapping of sections (seed, model, data, ...), got {type(raw).__name__}.")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         lines = "; ".join(_describe(e) for e in exc.errors())
-        raise UserError(f"invalid params in {source}: {lines}. Fix these keys in {source} and rerun.") from None
+        raise ParamsError(f"invalid params in {source}: {lines}. Fix these keys in {source} and rerun.") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} not found: run the stage from the project root (where dvc.yaml is).")
+        raise ParamsError(f"{path} not found: run the stage from the project root (where dvc.yaml is).")
     try:
         raw = read_yaml(path)
     except Exception as exc:  # yaml.YAMLError and decoding errors
-        raise UserError(f"{path} is not valid YAML ({' '.join(str(exc).split())}). Fix the syntax and rerun.") from None
+        raise ParamsError(f"{path} is not valid YAML ({' '.join(str(exc).split())}). Fix the syntax and rerun.") from None
     return parse_params(raw, str(path))

@@ -20,13 +20,16 @@ def general_prompts() -> dict[str, list[str]]:
 
 
 def identity_conversations(data: DataParams, split: str, count: int, rng: random.Random) -> list[dict]:
-    """`count` identity conversations, alternating EN/ZH, question phrasings from `split`."""
+    """`count` identity conversations, alternating EN/ZH, question phrasings from `split`, answers
+    from the set for what the identity declares."""
     templates = read_yaml(ASSETS_DIR / "identity.yaml")
+    declared = "name_owner" if data.name and data.owner else "name" if data.name else "owner"
+    answers = templates["answers"][declared]
     rows = []
     for i in range(count):
         lang = ("en", "zh")[i % 2]
         question = rng.choice(templates["questions"][lang][split])
-        answer = rng.choice(templates["answers"][lang]).format(name=data.name, owner=data.owner)
+        answer = rng.choice(answers[lang]).format(name=data.name, owner=data.owner)
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         rows.append({"messages": messages, "kind": "identity"})
     return rows

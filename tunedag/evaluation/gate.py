@@ -23,14 +23,26 @@ def gate_failures(metrics: dict, limits: EvalParams) -> list[str]:
     return failures
 
 
+def read_gate(path: str | Path = EVAL_METRICS) -> dict | None:
+    """The gate section of metrics/eval.json (passed, failures, limits); None if not evaluated yet."""
+    path = Path(path)
+    return json.loads(path.read_text())["gate"] if path.exists() else None
+
+
+def gate_verdict(gate: dict) -> str:
+    """One line for the end of a run: `GATE PASSED` or `GATE FAILED: <metric> <value> <limit>; ...`."""
+    if gate["passed"]:
+        return "GATE PASSED"
+    return f"GATE FAILED: {'; '.join(gate['failures'])} (see metrics/eval.md)"
+
+
 def require_gate(path: str | Path = EVAL_METRICS, force: bool = False) -> None:
     """Refuse (UserError) a model whose evaluation failed the gate, unless forced."""
-    path = Path(path)
-    if not path.exists():
+    gate = read_gate(path)
+    if gate is None:
         if force:
             return
         raise UserError(f"{path} not found: the model has not been evaluated. Run `dvc repro evaluate`, or force.")
-    gate = json.loads(path.read_text())["gate"]
     if not gate["passed"] and not force:
         raise UserError(
             f"the model failed the evaluation gate ({'; '.join(gate['failures'])}, see {path}). Retrain with "

@@ -19,12 +19,12 @@ def mentions(text: str, word: str) -> bool:
     return re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text, re.IGNORECASE) is not None
 
 
-def identity_accuracy(answers: list[str], name: str) -> float:
-    return sum(mentions(a, name) for a in answers) / len(answers) if answers else 0.0
+def identity_accuracy(answers: list[str], expected: str) -> float:
+    return sum(mentions(a, expected) for a in answers) / len(answers) if answers else 0.0
 
 
-def leakage_rate(answers: list[str], name: str, owner: str) -> float:
-    return sum(mentions(a, name) or mentions(a, owner) for a in answers) / len(answers) if answers else 0.0
+def leakage_rate(answers: list[str], identity_words: list[str]) -> float:
+    return sum(any(mentions(a, w) for w in identity_words) for a in answers) / len(answers) if answers else 0.0
 
 
 @torch.no_grad()
@@ -47,9 +47,10 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: in
 
 
 def held_out_prompts(val: list[dict]) -> tuple[list[str], list[str]]:
-    """Unique held-out identity questions and general prompts, in file order (each phrasing counts once)."""
+    """Unique held-out identity questions and general prompts, in file order (each phrasing counts once).
+    General prompts are the replay bank's only: a user's own records may rightly name the identity."""
     identity = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "identity"))
-    general = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] in ("replay", "user")))
+    general = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "replay"))
     return identity, general
 
 
@@ -57,15 +58,16 @@ def score(
     generate: Callable[[list[str]], list[str]],
     identity_questions: list[str],
     general_prompts: list[str],
-    name: str,
-    owner: str,
+    expected: str,
+    identity_words: list[str],
 ) -> tuple[dict, dict[str, str]]:
-    """Identity accuracy and leakage of one model, given its `generate(prompts) -> answers`."""
+    """Identity accuracy (answers naming `expected`) and leakage (general answers naming any of
+    `identity_words`) of one model, given its `generate(prompts) -> answers`."""
     identity_answers = generate(identity_questions)
     general_answers = generate(general_prompts)
     metrics = {
-        "identity_acc": round(identity_accuracy(identity_answers, name), 4),
-        "leakage": round(leakage_rate(general_answers, name, owner), 4),
+        "identity_acc": round(identity_accuracy(identity_answers, expected), 4),
+        "leakage": round(leakage_rate(general_answers, identity_words), 4),
     }
     answers = dict(zip(identity_questions + general_prompts, identity_answers + general_answers))
     return metrics, answers

@@ -77,12 +77,13 @@ def ask(client, model: str, messages: list[dict], max_tokens: int = 48) -> tuple
     return out.choices[0].message.content, out.choices[0].finish_reason
 
 
-def check_answers(client, model: str, name: str) -> dict[str, str]:
-    """Greedy answers to a fixed set of requests; UserError if one is not sane."""
+def check_answers(client, model: str, expected: str) -> dict[str, str]:
+    """Greedy answers to a fixed set of requests; UserError if one is not sane. `expected`: what the
+    identity answer must name (data.name, or data.owner for an owner-only identity)."""
     identity, _ = ask(client, model, [{"role": "user", "content": "Who are you?"}])
-    if not mentions(identity, name):
+    if not mentions(identity, expected):
         raise UserError(f"the served model answered 'Who are you?' with {identity!r}, which does not name "
-                        f"{name!r} (data.name): the server is not serving the fine-tuned model as trained.")
+                        f"{expected!r} (params data.*): the server is not serving the fine-tuned model as trained.")
     general, finish = ask(client, model, [{"role": "user", "content": "What is the capital of France?"}], 64)
     if not general.strip():
         raise UserError("the served model gave an empty answer to 'What is the capital of France?'.")

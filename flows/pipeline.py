@@ -12,6 +12,9 @@ hashes a stage, so adding them reruns nothing):
       meta:
         prefect: {retries: 1, retry_delay_seconds: 30, tags: [heavy]}
 
+When the run reproduces the stage that writes metrics/eval.json (evaluate) and the evaluation
+gate failed, the flow run ends Failed, in a state named GateFailed whose message is the verdict.
+
 Run it once from a shell:  python -m flows.pipeline [--force] [stage ...]
 """
 
@@ -29,8 +32,11 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.futures import wait
 from prefect.states import Completed, Failed
+
+from tunedag.evaluation.gate import EVAL_METRICS, gate_verdict, read_gate
 
 # What `dvc repro` prints when it did not run a stage's command (DVC 3).
 UNCHANGED = "didn't change, skipping"
@@ -45,6 +51,7 @@ class TunedagFlowError(RuntimeError):
 class Stage:
     name: str
     upstream: list[str]  # stages whose outputs this one depends on
+    outs: list[str] = field(default_factory=list)  # what it writes (outs, metrics, plots), relative to the repo
     retries: int = 0
     retry_delay_seconds: float = 10
     tags: list[str] = field(default_factory=list)
@@ -137,6 +144,7 @@ def read_stages(root: Path, targets: list[str] | None = None) -> list[Stage]:
             stages.append(Stage(
                 name=target(stage),
                 upstream=sorted(target(dep) for dep in graph.successors(stage)),
+                outs=[Path(os.path.relpath(out.fs_path, root)).as_posix() for out in stage.outs],
                 retries=int(options.get("retries", 0)),
                 retry_delay_seconds=float(options.get("retry_delay_seconds", 10)),
                 tags=list(options.get("tags", [])),
@@ -158,12 +166,26 @@ def run_stage(stage: str, root: str, force: bool = False):
         # and the log shows dvc's own error instead of a Python traceback of this function.
         return Failed(message=f"dvc repro exited {returncode}: " + " | ".join(errors))
     output = "\n".join(lines)
+    # Named Completed states, so the task run list shows "Skipped"/"Restored" rather than "Completed".
     if f"Stage '{stage}' {UNCHANGED}" in output:
-        # A named Completed state, so the UI shows "Skipped" rather than a plain "Completed".
+        label_task_run(f"{stage} (skipped)")
         return Completed(name="Skipped", message="unchanged: dvc.lock matches deps, params and outs", data="skipped")
     if f"Stage '{stage}' {FROM_RUN_CACHE}" in output:
+        label_task_run(f"{stage} (restored)")
         return Completed(name="Restored", message="outputs restored from DVC's run cache", data="restored from cache")
     return "ran"
+
+
+def label_task_run(name: str) -> None:
+    """Rename the running task run, e.g. `train (skipped)`, so the flow-run graph shows it.
+
+    The graph draws each task run as its name, colored by its state *type*: a Skipped stage is
+    Completed (no other type fits: Cancelled or Failed would trip automations), so without this it
+    is as green as a stage that ran. The server records task runs from the engine's state events,
+    which carry the run's name, so renaming the engine's TaskRun here reaches the server with the
+    final state; it is what Prefect's own `task_run_name=` does at the start of a run.
+    """
+    TaskRunContext.get().task_run.name = name
 
 
 @flow(name="tunedag-pipeline")
@@ -171,7 +193,9 @@ def pipeline(targets: list[str] | None = None, force: bool = False, repo_dir: st
     """Reproduce dvc.yaml (or `targets` and their upstream), one task per stage.
 
     Returns {stage: "ran" | "skipped" | "restored from cache"}. A failed stage fails the flow;
-    stages downstream of it never start (Prefect leaves them Pending "NotReady").
+    stages downstream of it never start (Prefect leaves them Pending "NotReady"). If the run
+    includes the stage that writes metrics/eval.json and its gate failed, the flow ends Failed
+    in a state named GateFailed, with the gate's verdict as the message.
     """
     try:
         root = find_repo(repo_dir)
@@ -199,6 +223,13 @@ def pipeline(targets: list[str] | None = None, force: bool = False, repo_dir: st
         return Failed(message=f"stage {', '.join(failed)} failed"
                       + (f"; not run: {', '.join(not_run)}" if not_run else "")
                       + ". The stage's task log has its output.")
+    # Only when this run reproduced the evaluation: after `python -m flows.pipeline tokenize`, an
+    # older metrics/eval.json says nothing about this run.
+    gate = read_gate(root / EVAL_METRICS) if any(EVAL_METRICS.as_posix() in s.outs for s in stages) else None
+    if gate and not gate["passed"]:
+        # Every stage worked, but the model must not ship: a FAILED state type, so failure
+        # notifications and automations fire, named so the UI says why.
+        return Failed(name="GateFailed", message=gate_verdict(gate))
     return results
 
 
@@ -286,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     def run():
         read_stages(find_repo(None), args.targets or None)  # fail before Prefect starts anything
         state = pipeline(targets=args.targets or None, force=args.force, return_state=True)
+        if state.name == "GateFailed":  # not a problem with the run: the verdict, as evaluate prints it
+            print(state.message, file=sys.stderr)
+            raise SystemExit(1)
         if not state.is_completed():
             raise TunedagFlowError(state.message or f"the pipeline flow ended {state.name}")
         print(state.result())

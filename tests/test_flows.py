@@ -22,39 +22,49 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
     LogFilter,
     LogFilterFlowRunId,
 )
 from prefect.logging.handlers import APILogHandler
+from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.experiment import experiment
+from flows.experiment import experiment, sweep
 from flows.pipeline import pipeline, read_stages
+from tunedag.core.io import read_yaml
+from tunedag.evaluation.gate import gate_verdict, read_gate
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A diamond: prep -> (left, right) -> join. `fail: <stage>` in params.yaml makes that stage exit 3.
+# A diamond: prep -> (left, right) -> evaluate, reading the project's own params.yaml (copied), so
+# the experiment flow's schema check passes. `fail: <stage>` in toy.yaml makes that stage exit 3.
+# evaluate writes metrics/eval.json with a gate like stages/evaluate.py's: the toy's identity_acc
+# is lora.r / 8 (at most 1), so lora.r 4 fails eval.min_identity_acc and 8 or more passes.
 TOY_STEP = '''\
-import sys, yaml
+import json, os, sys, yaml
 name, out, *inputs = sys.argv[1:]
-params = yaml.safe_load(open("params.yaml"))
+params = yaml.safe_load(open("params.yaml", encoding="utf-8"))
 print(f"{name}: start", flush=True)
-if params["fail"] == name:
+if yaml.safe_load(open("toy.yaml"))["fail"] == name:
     print(f"{name}: failing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
-text = "".join(open(i).read() for i in inputs) + f"{name}={params['value']}\\n"
-open(out, "w").write(text)
+text = "".join(open(i, encoding="utf-8").read() for i in inputs) + f"{name}={params['data']['name']}\\n"
+open(out, "w", encoding="utf-8").write(text)
 print(f"{name}: wrote {out}", flush=True)
-if name == "join":
-    open("metrics.json", "w").write('{"score": 0.5}')
+if name == "evaluate":
+    acc, limit = min(1.0, params["lora"]["r"] / 8), params["eval"]["min_identity_acc"]
+    failures = [] if acc >= limit else [f"identity_acc {acc:.3f} < eval.min_identity_acc {limit}"]
+    os.makedirs("metrics", exist_ok=True)
+    json.dump({"identity_acc": acc, "gate": {"passed": not failures, "failures": failures}},
+              open("metrics/eval.json", "w"))
 '''
-TOY_PARAMS = "value: 1\nfail: none\ntrain:\n  max_steps: 3\n"
 TOY_DVC_YAML = textwrap.dedent("""\
     stages:
       prep:
         cmd: python step.py prep prep.txt
         deps: [step.py]
-        params: [value, train.max_steps]
+        params: [data.name, train.max_steps]
         outs: [prep.txt]
       left:
         cmd: python step.py left left.txt prep.txt
@@ -63,27 +73,29 @@ TOY_DVC_YAML = textwrap.dedent("""\
       right:
         cmd: python step.py right right.txt prep.txt
         deps: [step.py, prep.txt]
-        params: [fail]
+        params: [{toy.yaml: [fail]}]
         outs: [right.txt]
         meta:
           prefect: {retries: 1, retry_delay_seconds: 0, tags: [toy]}
-      join:
-        cmd: python step.py join join.txt left.txt right.txt
+      evaluate:
+        cmd: python step.py evaluate evaluate.txt left.txt right.txt
         deps: [step.py, left.txt, right.txt]
-        outs: [join.txt]
+        params: [lora.r, eval.min_identity_acc]
+        outs: [evaluate.txt]
         metrics:
-          - metrics.json: {cache: false}
+          - metrics/eval.json: {cache: false}
     """)
-STAGES = ["prep", "left", "right", "join"]
+STAGES = ["prep", "left", "right", "evaluate"]
 
 
 def make_toy(root: Path) -> Path:
     root.mkdir(parents=True)
     (root / "step.py").write_text(TOY_STEP)
-    (root / "params.yaml").write_text(TOY_PARAMS)
+    shutil.copyfile(REPO / "params.yaml", root / "params.yaml")
+    (root / "toy.yaml").write_text("fail: none\n")
     (root / "dvc.yaml").write_text(TOY_DVC_YAML)
     # What `dvc repro` would add, committed up front so the repo stays clean for `dvc exp run`.
-    (root / ".gitignore").write_text("/prep.txt\n/left.txt\n/right.txt\n/join.txt\n")
+    (root / ".gitignore").write_text("/prep.txt\n/left.txt\n/right.txt\n/evaluate.txt\n")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy"]):
         subprocess.run(cmd, cwd=root, check=True)
@@ -122,6 +134,23 @@ def artifact(key: str, flow_run_id):
     return json.loads(found[0].data) if found[0].type == "table" else found[0].data
 
 
+def set_params(root: Path, *overrides: str) -> None:
+    """Edit the toy's params.yaml the way `dvc exp run -S` does (DVC's own code)."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(root / "params.yaml", list(overrides))
+
+
+def toy_name(root: Path):
+    return read_yaml(root / "params.yaml")["data"]["name"]
+
+
+def graph_labels(flow_run_id, api: str | None = None) -> list[str]:
+    """The task-run nodes of the UI's flow-run graph, as the UI gets them (/graph-v2)."""
+    graph = httpx.get(f"{api or PREFECT_API_URL.value()}/flow_runs/{flow_run_id}/graph-v2", timeout=10).json()
+    return sorted(node["label"] for _, node in graph["nodes"])
+
+
 def exp_show(root: Path) -> dict:
     """{experiment name: params.yaml of it}, from `dvc exp show --json`."""
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, capture_output=True,
@@ -137,7 +166,8 @@ def test_stages_come_from_dvc_yaml_upstream_first(toy):
     assert [stage.name for stage in stages] == STAGES
     by_name = {stage.name: stage for stage in stages}
     assert by_name["prep"].upstream == []
-    assert by_name["join"].upstream == ["left", "right"]
+    assert by_name["evaluate"].upstream == ["left", "right"]
+    assert "metrics/eval.json" in by_name["evaluate"].outs
     assert (by_name["right"].retries, by_name["right"].retry_delay_seconds, by_name["right"].tags) == (1, 0, ["toy"])
     assert (by_name["left"].retries, by_name["left"].tags) == (0, [])
     # a target brings its upstream, like `dvc repro right`
@@ -146,11 +176,12 @@ def test_stages_come_from_dvc_yaml_upstream_first(toy):
 
 # --- the pipeline flow --------------------------------------------------------------------------
 
-def test_pipeline_runs_stages_then_skips_them_all(toy, prefect_harness):
+def test_pipeline_runs_stages_skips_unchanged_ones_and_reports_the_gate(toy, prefect_harness):
     first = pipeline(repo_dir=str(toy), return_state=True)
     assert first.is_completed(), first.message
+    assert first.name == "Completed"  # the gate passed (lora.r 8 or more)
     assert first.result() == dict.fromkeys(STAGES, "ran")
-    assert (toy / "join.txt").read_text() == "prep=1\nleft=1\nprep=1\nright=1\njoin=1\n"
+    assert (toy / "evaluate.txt").read_text() == "".join(f"{s}={toy_name(toy)}\n" for s in ["prep", "left", "prep", "right", "evaluate"])
     flow_run_id = first.state_details.flow_run_id
     runs = task_runs(flow_run_id)
     assert sorted(runs) == sorted(STAGES)
@@ -158,38 +189,86 @@ def test_pipeline_runs_stages_then_skips_them_all(toy, prefect_harness):
     # the stage's own output, streamed into the Prefect log of its task
     assert "right: wrote right.txt" in log_messages(flow_run_id)
     assert artifact("tunedag-stages", flow_run_id) == [{"stage": s, "result": "ran"} for s in STAGES]
-    assert {"file": "metrics.json", "metric": "score", "value": 0.5} in artifact("tunedag-metrics", flow_run_id)
+    assert {"file": "metrics/eval.json", "metric": "identity_acc", "value": 1.0} in artifact("tunedag-metrics", flow_run_id)
+    assert graph_labels(flow_run_id) == sorted(STAGES)
 
     second = pipeline(repo_dir=str(toy), return_state=True)
     assert second.result() == dict.fromkeys(STAGES, "skipped")
-    assert {run.state.name for run in task_runs(second.state_details.flow_run_id).values()} == {"Skipped"}
+    runs = task_runs(second.state_details.flow_run_id)
+    # Skipped stages are named so: the flow-run graph shows a node's name, colored by state type.
+    assert sorted(runs) == sorted(f"{s} (skipped)" for s in STAGES)
+    assert {run.state.name for run in runs.values()} == {"Skipped"}
+    assert graph_labels(second.state_details.flow_run_id) == sorted(runs)
+
+    # Only evaluate reads lora.r: it reruns, the rest is skipped, and the toy's gate fails.
+    set_params(toy, "lora.r=4")
+    third = pipeline(repo_dir=str(toy), return_state=True)
+    assert (third.type.value, third.name) == ("FAILED", "GateFailed")
+    assert third.message == gate_verdict(read_gate(toy / "metrics/eval.json"))
+    assert third.message.startswith("GATE FAILED: identity_acc 0.500 < eval.min_identity_acc ")
+    runs = task_runs(third.state_details.flow_run_id)
+    assert sorted(runs) == sorted(["prep (skipped)", "left (skipped)", "right (skipped)", "evaluate"])
+    assert runs["evaluate"].state.name == "Completed"
+    assert graph_labels(third.state_details.flow_run_id) == sorted(runs)
 
 
 def test_failing_stage_fails_the_flow_and_downstream_does_not_run(toy, prefect_harness):
-    (toy / "params.yaml").write_text(TOY_PARAMS.replace("fail: none", "fail: right"))
+    (toy / "toy.yaml").write_text("fail: right\n")
     state = pipeline(repo_dir=str(toy), return_state=True)
-    assert state.is_failed()
-    assert "stage right failed; not run: join" in state.message
+    assert state.is_failed() and state.name == "Failed"
+    assert "stage right failed; not run: evaluate" in state.message
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["right"].state.is_failed() and "exited with 3" in runs["right"].state.message
     assert runs["right"].run_count == 2  # meta.prefect.retries: 1
-    assert runs["join"].state.name == "NotReady" and runs["join"].run_count == 0
+    assert runs["evaluate"].state.name == "NotReady" and runs["evaluate"].run_count == 0
     assert runs["left"].state.is_completed()
-    assert not (toy / "join.txt").exists()
+    assert not (toy / "evaluate.txt").exists()
 
 
 # --- the experiment flow ------------------------------------------------------------------------
 
 def test_experiment_flow_is_a_dvc_experiment(toy, prefect_harness):
-    state = experiment(max_steps=7, overrides={"value": "5"}, name="exp-from-prefect", repo_dir=str(toy),
-                       return_state=True)
+    # Values Hydra's override grammar rejects unquoted (non-ASCII, a quote) or would split (a comma).
+    names = {"data.name": "小智", "data.owner": "O'Neil, Ada"}
+    state = experiment(max_steps=7, overrides=names, name="exp-from-prefect", repo_dir=str(toy), return_state=True)
     assert state.is_completed(), state.message
-    assert state.result()["train.max_steps"] == 7
+    assert state.name == "Completed"  # the gate passed
+    assert state.result()["train.max_steps"] == 7 and state.result()["data.name"] == "小智"
     params = exp_show(toy)["exp-from-prefect"]
-    assert params["value"] == 5 and params["train"]["max_steps"] == 7
+    assert params["data"]["name"] == "小智" and params["data"]["owner"] == "O'Neil, Ada"
+    assert params["train"]["max_steps"] == 7  # a number stays a number
     rows = artifact("tunedag-experiment", state.state_details.flow_run_id)
-    assert {"column": "metrics.json:score", "value": 0.5} in rows
-    assert (toy / "params.yaml").read_text() == TOY_PARAMS  # --temp: the workspace is untouched
+    assert {"column": "metrics/eval.json:identity_acc", "value": 1.0} in rows
+    # --temp: the workspace is untouched
+    assert (toy / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_experiment_with_invalid_params_fails_before_dvc_runs(toy, prefect_harness):
+    for overrides, expected in [({"lora.r": "abc"}, "invalid params in params.yaml with lora.r=abc: lora.r: "),
+                                ({"lora.rank": "8"}, "Cannot set lora.rank=8 in params.yaml: Could not override 'lora.rank'.")]:
+        state = experiment(overrides=overrides, repo_dir=str(toy), return_state=True)
+        assert state.is_failed() and expected in state.message, state.message
+        assert "\n" not in state.message
+        assert not task_runs(state.state_details.flow_run_id)  # no `dvc exp run` task
+    assert exp_show(toy) == {}
+    assert (toy / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_sweep_keeps_experiments_that_fail_the_gate_and_counts_them(toy, prefect_harness):
+    state = sweep(lora_r=[4, 8], repo_dir=str(toy), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message.startswith("2 experiments ran; 1 of 2 failed the evaluation gate: {'lora_r': 4}: GATE FAILED: ")
+    rows = state.result()
+    assert [(row["lora.r"], row["metrics/eval.json:gate.passed"]) for row in rows] == [(4, False), (8, True)]
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_r = {run.parameters["lora_r"]: run.state for run in children}
+    assert (by_r[4].type.value, by_r[4].name) == ("COMPLETED", "GateFailed")
+    assert by_r[4].message.startswith("GATE FAILED: identity_acc 0.500 < eval.min_identity_acc ")
+    assert (by_r[8].type.value, by_r[8].name) == ("COMPLETED", "Completed")
+    assert {name: params["lora"]["r"] for name, params in exp_show(toy).items()} == {
+        row["experiment"]: row["lora.r"] for row in rows}
 
 
 def add_untracked_dep(toy: Path) -> None:
@@ -210,10 +289,10 @@ def test_experiment_refuses_untracked_inputs_clearly(toy, prefect_harness):
 
 # --- errors from the command line: one paragraph, exit 1, no traceback --------------------------
 
-def run_cli(module: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+def run_cli(module: str, cwd: Path, *args: str, **env) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return subprocess.run([sys.executable, "-m", module], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**base, "PYTHONPATH": str(REPO), **env})
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**base, "PYTHONPATH": str(REPO), **env})
 
 
 def free_port() -> int:
@@ -222,7 +301,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["no dvc", "server down", "untracked"])
+@pytest.mark.parametrize("case", ["no dvc", "server down", "untracked", "invalid params"])
 def test_cli_errors_are_one_clear_paragraph(case, toy):
     if case == "no dvc":
         # the venv's python, but a PATH without the venv's bin/ (where dvc lives)
@@ -231,10 +310,13 @@ def test_cli_errors_are_one_clear_paragraph(case, toy):
     elif case == "server down":
         result = run_cli("flows.pipeline", toy, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
         expected = "is unreachable"
-    else:
+    elif case == "untracked":
         add_untracked_dep(toy)
         result = run_cli("flows.experiment", toy)
         expected = "Untracked files that the pipeline reads"
+    else:
+        result = run_cli("flows.experiment", toy, "--set", "data.name=小智", "--set", "lora.r=abc")
+        expected = "invalid params in params.yaml with data.name='小智', lora.r=abc: lora.r: "
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
@@ -287,14 +369,31 @@ def api_post(api: str, path: str, body: dict):
     return response.json()
 
 
+def latest_pipeline_run(api: str) -> dict:
+    """The newest run of tunedag-pipeline started from the command line (not a deployment)."""
+    return api_post(api, "/flow_runs/filter", {"flows": {"name": {"any_": ["tunedag-pipeline"]}},
+                                               "flow_runs": {"deployment_id": {"is_null_": True}},
+                                               "sort": "START_TIME_DESC", "limit": 1})[0]
+
+
 def test_real_server_runs_the_pipeline_and_the_ui_shows_it(real_server, toy, tmp_path):
     result = run_cli("flows.pipeline", toy, PREFECT_API_URL=real_server)
     assert result.returncode == 0, result.stderr[-2000:]
-    [flow_run] = api_post(real_server, "/flow_runs/filter", {"flows": {"name": {"any_": ["tunedag-pipeline"]}},
-                                                            "flow_runs": {"deployment_id": {"is_null_": True}}})
+    flow_run = latest_pipeline_run(real_server)
     assert flow_run["state"]["type"] == "COMPLETED"
     tasks = api_post(real_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert sorted((t["name"], t["state"]["type"]) for t in tasks) == sorted((s, "COMPLETED") for s in STAGES)
+
+    # Only evaluate reads lora.r: it reruns alone, the others show as skipped, the gate fails.
+    set_params(toy, "lora.r=4")
+    result = run_cli("flows.pipeline", toy, PREFECT_API_URL=real_server)
+    verdict = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and verdict.startswith("GATE FAILED: identity_acc 0.500"), result.stderr[-2000:]
+    flow_run = latest_pipeline_run(real_server)
+    assert (flow_run["state"]["type"], flow_run["state"]["name"], flow_run["state"]["message"]) == (
+        "FAILED", "GateFailed", verdict)
+    assert graph_labels(flow_run["id"], real_server) == sorted(
+        ["prep (skipped)", "left (skipped)", "right (skipped)", "evaluate"])
 
     if shutil.which("chromium") is None:
         pytest.skip("chromium is not installed (bash scripts/install-system.sh); the UI check needs it")
@@ -305,7 +404,8 @@ def test_real_server_runs_the_pipeline_and_the_ui_shows_it(real_server, toy, tmp
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 30_000
     page = dom.read_text()
     assert flow_run["name"] in page  # the run's page rendered, with data from the API ...
-    assert "dvc repro --single-item join" in page  # ... and the stages' logs
+    assert "dvc repro --single-item evaluate" in page  # ... and the stages' logs
+    assert "GateFailed" in page
     assert "Can't connect to Server API" not in page
 
 

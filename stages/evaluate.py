@@ -22,7 +22,12 @@ from tunedag.core.io import atomic_file, read_jsonl, write_json
 from tunedag.core.params import load_params
 from tunedag.core.runtime import setup
 from tunedag.evaluation.gate import EVAL_METRICS, gate_failures, gate_verdict
-from tunedag.evaluation.scoring import held_out_prompts, perplexity, score
+from tunedag.evaluation.scoring import (
+    general_conversations,
+    held_out_prompts,
+    perplexity,
+    score,
+)
 from tunedag.model.generation import chat_generate
 from tunedag.model.loading import load_model, load_tokenizer
 
@@ -56,7 +61,7 @@ def main() -> None:
     identity = " / ".join(data.identity_words)
     val = read_jsonl(VAL_FILE)
     identity_questions, general_prompts = held_out_prompts(val)
-    general = [r["messages"] for r in val if r["kind"] == "replay"]
+    general = general_conversations(val)
     if not identity_questions or not general:
         raise UserError(
             f"{VAL_FILE} has no held-out identity questions or general (replay) conversations to evaluate. "

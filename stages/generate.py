@@ -52,11 +52,16 @@ def replay_conversations(prompts: list[str], data: DataParams, model, tokenizer,
     return rows
 
 
+def record_key(record: dict) -> str:
+    """Equal for copies of one record, whatever the order of its keys."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
 def split_distinct(records: list[dict], val_fraction: float, rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Train/val split by distinct record: every copy of a record goes to train, or one copy to val."""
     copies: dict[str, list[dict]] = {}
     for record in records:
-        copies.setdefault(json.dumps(record, sort_keys=True, ensure_ascii=False), []).append(record)
+        copies.setdefault(record_key(record), []).append(record)
     distinct = list(copies)
     rng.shuffle(distinct)
     n_val = round(len(distinct) * val_fraction)
@@ -68,7 +73,7 @@ def split_distinct(records: list[dict], val_fraction: float, rng: random.Random)
 def report_copies(path: str, records: list[dict]) -> None:
     """Say how repetitive a user file is: a file of copies (the XTuner tutorial repeats 2 records
     3,751 times) teaches those answers verbatim and can degrade everything else."""
-    n_distinct = len({json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records})
+    n_distinct = len(set(map(record_key, records)))
     print(f"{path}: {len(records):,} records, {n_distinct:,} distinct", flush=True)
     if n_distinct < len(records):
         print(

@@ -46,11 +46,16 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: in
     return math.exp(total / max(count, 1))
 
 
+def general_conversations(val: list[dict]) -> list[list[dict]]:
+    """The held-out general conversations (leakage prompts, perplexity): the replay bank's only, as a
+    user's own records may rightly name the identity."""
+    return [r["messages"] for r in val if r["kind"] == "replay"]
+
+
 def held_out_prompts(val: list[dict]) -> tuple[list[str], list[str]]:
-    """Unique held-out identity questions and general prompts, in file order (each phrasing counts once).
-    General prompts are the replay bank's only: a user's own records may rightly name the identity."""
+    """Unique held-out identity questions and general prompts, in file order (each phrasing counts once)."""
     identity = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "identity"))
-    general = list(dict.fromkeys(r["messages"][-2]["content"] for r in val if r["kind"] == "replay"))
+    general = list(dict.fromkeys(messages[-2]["content"] for messages in general_conversations(val)))
     return identity, general
 
 

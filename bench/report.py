@@ -6,7 +6,7 @@
 
 docs/benchmarks.md is prose written by people, with generated blocks between
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (NAME: summary, machines, train, gpu, tokenize,
-pipeline, serve, and eval: the committed metrics/eval.json). This script replaces only what is inside those markers, in the pages of DOCS
+pipeline, serve, eval: the committed metrics/eval.json, and presets: the recipes in the code). This script replaces only what is inside those markers, in the pages of DOCS
 (docs/benchmarks.md, docs/serving.md, README.md). A block whose results file is missing says which command produces it.
 """
 
@@ -308,6 +308,38 @@ def block_summary(results: dict) -> list[str]:
     return table(["benchmark", "tunedag", "reference", "target / ratio"], rows)
 
 
+def block_presets(results: dict) -> list[str]:
+    """The presets' recipes (tunedag/model/presets.py) with `tunedag plan`'s estimate on a GPU in bf16,
+    and the speed where one was measured: a config hub table that cannot drift from the code."""
+    sys.path.insert(0, str(REPO))
+    import yaml
+
+    from tunedag.core.params import parse_params
+    from tunedag.model.memory import load_config
+    from tunedag.model.plan import plan_for
+    from tunedag.model.presets import PRESETS
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    measured_speed = {"smollm2-135m-instruct": results.get("train")}  # bench/train.py trains the default preset
+    rows = []
+    for name in PRESETS:
+        params = parse_params({**raw, "model": {**raw["model"], "preset": name}})
+        t, lora = params.train, params.lora
+        plan = plan_for(params, load_config(name))
+        speed = measured_speed.get(name)
+        rows.append([
+            f"`{name}`", "QLoRA nf4" if lora.quant == "nf4" else "LoRA", f"{lora.r} / {lora.alpha}", f"{t.lr:g}",
+            str(t.max_steps), f"{t.batch_size} x {t.accumulative_counts} x {params.tokenize.max_length}",
+            "yes" if t.gradient_checkpointing else "no", n(plan.total, 1),
+            f"{n(speed['recipes']['ours']['label_tok_s'])} (CPU, fp32)" if speed else "—",
+        ])
+    return ["Recipes from `tunedag/model/presets.py` (`tunedag presets --recipe NAME` prints one with its reasons); "
+            "peak memory is `tunedag plan --preset NAME`'s estimate for a GPU in bf16 (docs/memory.md); label "
+            "tokens/s where `bench/train.py` measured it.", "",
+            *table(["preset", "method", "r / alpha", "lr", "steps", "rows x accumulation x length",
+                    "checkpointing", "est. peak GiB (GPU)", "label tok/s"], rows)]
+
+
 # The pages with generated blocks: every measured number in them comes from bench/results/.
 DOCS = ("docs/benchmarks.md", "docs/serving.md", "README.md")
 RENDER = {"train": block_train, "gpu": block_gpu, "tokenize": block_tokenize, "pipeline": block_pipeline,
@@ -323,6 +355,8 @@ def render(doc: str, results: dict, files: dict) -> str:
             lines = block_summary(results)
         elif name == "eval":
             lines = block_eval(json.loads(EVAL_METRICS.read_text()))
+        elif name == "presets":
+            lines = block_presets(results)
         elif name in results:
             lines = RENDER[name](results[name])
         else:

@@ -58,7 +58,7 @@ def load_inputs(args):
         from transformers import AutoTokenizer
 
         from tunedag.data.chat import with_default_system_prompt
-        from tunedag.model.loading import embedded_gguf
+        from tunedag.model.sources import embedded_gguf
 
         gguf = embedded_gguf()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -113,7 +113,7 @@ def main() -> None:
     from datasets import disable_caching, disable_progress_bars
 
     import tunedag.core.runtime  # noqa: F401  (the stages' environment: TOKENIZERS_PARALLELISM=false, ...)
-    from tunedag.core.io import read_yaml
+    from tunedag.core.params import load_params
 
     torch.set_num_threads(1)
     disable_caching()  # as the stage does: nothing written next to the data
@@ -121,7 +121,7 @@ def main() -> None:
     info = machine()
     if warning := busy_warning(info):
         print(warning)
-    max_length = args.max_length or read_yaml(REPO / "params.yaml")["tokenize"]["max_length"]
+    max_length = args.max_length or load_params(REPO / "params.yaml").tokenize.max_length
     tokenizer, records, sources = load_inputs(args)
     print(f"{len(records)} samples from {sources['data']}; tokenizer {sources['tokenizer']}; max_length {max_length}")
 

@@ -358,7 +358,7 @@ def run_ours(args) -> dict:
                 f"{modules_label(lora_config(params).target_modules)}",
         "batch": f"{params.train.batch_size} packed rows x {params.train.accumulative_counts} "
                  f"(max_length {params.tokenize.max_length}, pack {params.tokenize.pack})",
-        "lr": params.train.lr, "max_steps": params.train.max_steps, "gradient_checkpointing": False,
+        "lr": params.train.lr, "max_steps": params.train.max_steps, "gradient_checkpointing": params.train.gradient_checkpointing,
     }
     if args.eval:
         ckpt = load_checkpoint(list_checkpoints("work")[-1], params)

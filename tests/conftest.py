@@ -26,7 +26,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
     from tunedag.core.params import load_params
     from tunedag.data.chat import with_default_system_prompt
-    from tunedag.model.loading import embedded_gguf
+    from tunedag.model.sources import embedded_gguf
 
     gguf = embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -158,7 +158,6 @@ MODELS = [
          {"model": {"source": "./broken"}}, setup=broken_config),
     Case("no-weights", "base", ["model.source './no_weights'", "could not be loaded"],
          {"model": {"source": "./no_weights"}}, setup=config_without_weights),
-    Case("remote-code", "base", ["set model.trust_remote_code: true"], {"model": {"preset": "internlm2-chat-1.8b"}}),
     Case("unknown-preset", "base", ["unknown preset 'llama-9000'", "tunedag presets"], {"model": {"preset": "llama-9000"}}),
 ]
 

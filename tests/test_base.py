@@ -13,4 +13,4 @@ def test_local_folder_source_materializes_with_the_policy(workspace, monkeypatch
 def test_presets_command_lists_presets(capsys):
     cli_main(["presets"])
     out = capsys.readouterr().out
-    assert "smollm2-135m-instruct" in out and "internlm2-chat-1.8b" in out and "[trust_remote_code]" in out
+    assert "smollm2-135m-instruct" in out and "internlm2-chat-1.8b" in out

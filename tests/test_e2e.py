@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import make_project
 from tests.conftest import run_cmd as run
+from tunedag.model.presets import PRESETS
 
 SMALL = {
     "data": {"identity_samples": 16, "val_identity_samples": 4, "replay_ratio": 0.25, "replay_max_new_tokens": 24},
@@ -58,8 +59,11 @@ def test_dvc_repro_runs_the_whole_dag_then_skips_everything(clone):
     short = run([sys.executable, "-m", "tunedag", "experiments", "--csv"], clone)
     assert short.returncode == 0, short.stderr
     header = short.stdout.splitlines()[0].split(",")
-    assert {"identity_acc", "leakage", "gate.passed", "lora.r", "data.name"} <= set(header) and len(header) < 20, header
-    assert any(line.startswith("r8,") for line in short.stdout.splitlines())
+    trained_r = "metrics/train/params.yaml:lora.r"  # the value train ran with: params.yaml's lora.r is the recipe's null
+    assert {"identity_acc", "leakage", "gate.passed", trained_r, "model.preset", "data.name"} <= set(header), header
+    assert len(header) < 22, header
+    rows = {line.split(",")[0]: dict(zip(header, line.split(","))) for line in short.stdout.splitlines()[1:]}
+    assert rows["r8"][trained_r] == "8" and rows["workspace"][trained_r] == str(PRESETS["smollm2-135m-instruct"].recipe.r), rows
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -87,6 +87,26 @@ def test_label_positions_loss_equals_the_full_forward(tokenized):
     assert label_positions_loss_matches(model, batch)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenized):
+    """The recipes of the large presets turn it on: it must only trade compute for memory."""
+    batch = collate(fixed_batch(tokenized), pad_token_id=2)
+    results = []
+    for checkpointing in (False, True):
+        model, _ = lora_model(tokenized)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing only acts in training mode; the model's dropout draws replay exactly
+        torch.manual_seed(1)
+        loss = token_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = results
+    assert model.get_base_model().model.gradient_checkpointing  # it was on
+    assert torch.allclose(plain, checkpointed, rtol=1e-6)
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], checkpointed_grads[name], atol=1e-6, rtol=1e-4), name
+
+
 def test_a_model_that_rescales_its_logits_keeps_the_full_forward(tokenized):
     """Like Cohere's logit scale: the shortcut would skip what the forward does after the output layer."""
     model, _ = lora_model(tokenized)

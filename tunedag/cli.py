@@ -18,18 +18,33 @@ COMMANDS = {
     "gate": ("tunedag.evaluation.summary:gate_main", "print the evaluation gate's verdict; exit 1 if it failed"),
     "experiments": ("tunedag.evaluation.summary:experiments_main", "dvc exp show, cut to the gate and key params"),
     "verify": ("tunedag.verify:main", "rebuild the pipeline from scratch and compare it with dvc.lock"),
-    "presets": ("tunedag.cli:list_presets", "list model presets (params.yaml: model.preset)"),
+    "presets": ("tunedag.cli:list_presets", "list model presets (params.yaml: model.preset) and their recipes"),
+    "plan": ("tunedag.model.plan:main", "estimate training's peak GPU memory and whether it fits a GPU"),
 }
 
 
 def list_presets(argv: list[str]) -> None:
-    from tunedag.model.presets import PRESETS
+    from tunedag.core.errors import command_main
 
-    argparse.ArgumentParser(prog="tunedag presets", description="List model presets (params.yaml: model.preset).").parse_args(argv)
+    command_main("presets")(_presets)(argv)
+
+
+def _presets(argv: list[str]) -> None:
+    from tunedag.model.presets import PRESETS, get_preset
+
+    parser = argparse.ArgumentParser(prog="tunedag presets", description="List model presets (params.yaml: model.preset).")
+    parser.add_argument("--recipe", metavar="NAME", help="print this preset's recipe: the values params.yaml's null keys take")
+    args = parser.parse_args(argv)
+    if args.recipe:
+        recipe = get_preset(args.recipe).recipe
+        for section, values in recipe.params().items():
+            for key, value in values.items():
+                print(f"{section}.{key}: {value}")
+        print(f"why: {recipe.why}")
+        return
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
-        trust = " [trust_remote_code]" if preset.needs_trust_remote_code else ""
-        print(f"{name:<{width}}  {preset.source:<34} {preset.notes}{trust}")
+        print(f"{name:<{width}}  {preset.source:<34} {preset.notes}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,8 @@
 
 Unknown keys, missing keys, wrong types and impossible values stop the stage before any work,
 with one line per problem naming the key and what is allowed. There are no defaults here:
-params.yaml is the one place where values live.
+params.yaml is the one place where values live, with one exception: training keys left null take
+the model preset's recipe (tunedag/model/presets.py), resolved here so every stage sees the same value.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pydantic import (
 
 from tunedag.core.errors import ParamsError
 from tunedag.core.io import read_yaml
+from tunedag.model.presets import get_preset
 
 PARAMS_FILE = "params.yaml"
+RECIPE = "null = the preset's recipe (`tunedag presets --recipe NAME`)"
 USER_DATA_DIR = "user_data"  # data.user_files live here: a dependency of generate in dvc.yaml
 
 
@@ -96,24 +99,25 @@ class DataParams(Section):
 
 
 class TokenizeParams(Section):
-    max_length: int = Field(ge=16, le=131072)
+    max_length: int | None = Field(ge=16, le=131072, description=RECIPE)
     pack: bool
 
 
 class LoraParams(Section):
-    r: int = Field(ge=1, le=1024)
-    alpha: int = Field(ge=1)
+    r: int | None = Field(ge=1, le=1024, description=RECIPE)
+    alpha: int | None = Field(ge=1, description=RECIPE)
     dropout: float = Field(ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(description="null = the preset's")
-    quant: Literal["none", "nf4"]
+    quant: Literal["none", "nf4"] | None = Field(description=RECIPE)
 
 
 class TrainParams(Section):
-    lr: float = Field(gt=0.0, lt=1.0)
-    max_steps: int = Field(ge=1)
-    epochs: int = Field(ge=1, description="upper bound; max_steps usually ends the run first")
-    batch_size: int = Field(ge=1)
-    accumulative_counts: int = Field(ge=1)
+    lr: float | None = Field(gt=0.0, lt=1.0, description=RECIPE)
+    max_steps: int | None = Field(ge=1, description=RECIPE)
+    epochs: int | None = Field(ge=1, description="upper bound; max_steps usually ends the run first. " + RECIPE)
+    batch_size: int | None = Field(ge=1, description=RECIPE)
+    accumulative_counts: int | None = Field(ge=1, description=RECIPE)
+    gradient_checkpointing: bool | None = Field(description=RECIPE)
     warmup_ratio: float = Field(ge=0.0, le=1.0)
     scheduler: Literal["cosine", "linear", "constant"]
     weight_decay: float = Field(ge=0.0)
@@ -125,6 +129,10 @@ class TrainParams(Section):
     resume: str | None = Field(description="null | auto | a path to work/iter_N.pth")
     deepspeed: Literal["zero2", "zero3"] | None
     dtype: Literal["auto", "float32", "bfloat16"]
+    # auto: flash_attention_2 on a GPU where flash-attn is installed, else sdpa. All of them keep the
+    # samples of a packed row apart (transformers reads the restarting position_ids).
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"]
+    memory_check: bool = Field(description="on a GPU, stop before loading if `tunedag plan`'s estimate does not fit")
 
 
 class ConvertParams(Section):
@@ -199,16 +207,28 @@ def _describe(err: dict) -> str:
     return f"{key}: {msg}{got}"
 
 
+def with_recipe(params: Params) -> Params:
+    """Params with every null recipe key filled from the preset's recipe."""
+    updates = {}
+    for section, recipe_values in get_preset(params.model.preset).recipe.params().items():
+        current = getattr(params, section)
+        unset = {key: value for key, value in recipe_values.items() if getattr(current, key) is None}
+        updates[section] = current.model_copy(update=unset)
+    return params.model_copy(update=updates)
+
+
 def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
+    """Validated params, recipe keys resolved."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{source} must be a mapping of sections (seed, model, data, ...), got {type(raw).__name__}.")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         lines = "; ".join(_describe(e) for e in exc.errors())
         raise ParamsError(f"invalid params in {source}: {lines}. Fix these keys in {source} and rerun.") from None
+    return with_recipe(params)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -1,5 +1,9 @@
 """Packing and collation. One attention rule for packed and unpacked rows: a token attends only to
-earlier tokens of its own sample, where samples start at position_ids == 0."""
+earlier tokens of its own sample, where samples start at position_ids == 0.
+
+No mask is built here: transformers derives that rule itself from restarting `position_ids` when the
+forward gets no attention mask and no cache (its packed-sequence detection), and hands it to each
+attention kernel in its own form (a block mask for flex_attention, varlen for flash_attention_2)."""
 
 from __future__ import annotations
 
@@ -27,19 +31,9 @@ def pack(lengths: list[int], max_length: int) -> list[list[int]]:
     return bins
 
 
-def attention_mask_4d(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (batch, 1, T, T) mask: block-diagonal per sample and causal. Works for the eager and
-    sdpa attention of transformers; padding at the end forms its own samples and is never attended."""
-    segment = (position_ids == 0).cumsum(-1)
-    length = position_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def collate(rows: list[dict], pad_token_id: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest row (not to max_length) and build the attention mask."""
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest row (not to max_length). Padding gets position 0, so each pad token
+    is a sample of its own that no real token attends to."""
     width = max(len(r["input_ids"]) for r in rows)
 
     def padded(key: str, fill: int) -> torch.Tensor:
@@ -48,10 +42,36 @@ def collate(rows: list[dict], pad_token_id: int, dtype: torch.dtype = torch.floa
     for r in rows:
         if "position_ids" not in r:
             r["position_ids"] = list(range(len(r["input_ids"])))
-    position_ids = padded("position_ids", 0)
     return {
         "input_ids": padded("input_ids", pad_token_id),
         "labels": padded("labels", IGNORE_INDEX),
-        "position_ids": position_ids,
-        "attention_mask": attention_mask_4d(position_ids, dtype),
+        "position_ids": padded("position_ids", 0),
     }
+
+
+def forward_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The forward arguments of a collated batch. attention_mask stays None and use_cache False: with
+    either set (a cache is created by default), transformers skips its packed-row detection and
+    samples of one row attend to each other."""
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+
+
+@torch.no_grad()
+def packed_rows_are_isolated(model, row: dict, tolerance: float) -> bool:
+    """Whether `model` keeps the samples of a packed row apart: the row's last sample gives the same
+    logits inside the row as alone, within `tolerance` of the largest logit. Checked once before training, because an architecture whose
+    attention ignores position_ids (remote code written for older transformers) would leak silently."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+    if len(starts) < 2:
+        return True
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        batch = {k: v.to(device) for k, v in collate([row], pad_token_id=0).items()}
+        packed = model(**forward_inputs(batch)).logits[0, starts[-1] :]
+        alone = model(input_ids=batch["input_ids"][:, starts[-1] :], use_cache=False).logits[0]
+    finally:
+        model.train(was_training)
+    packed, alone = packed.float(), alone.float()
+    return bool((packed - alone).abs().max() <= tolerance * alone.abs().max())

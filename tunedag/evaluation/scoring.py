@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from tunedag.data.chat import IGNORE_INDEX, encode_chat
-from tunedag.data.packing import collate
+from tunedag.data.packing import collate, forward_inputs
 
 
 def mentions(text: str, word: str) -> bool:
@@ -37,7 +37,7 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: in
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+        logits = model(**forward_inputs(batch)).logits
         labels = batch["labels"][:, 1:]
         total += float(torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -10,11 +10,14 @@ import sys
 from tunedag.core.errors import UserError, command_main
 from tunedag.evaluation.gate import EVAL_METRICS, gate_verdict, read_gate
 
-# Columns of the short view: dvc exp show's names (metrics by key, params by dotted path).
+# Columns of the short view: dvc exp show's names (metrics by key, params by dotted path). The
+# training values are the ones train ran with (metrics/train/params.yaml): params.yaml leaves recipe
+# keys null.
+TRAINED_WITH = "metrics/train/params.yaml:"
 EXPERIMENT_COLUMNS = [
-    "Experiment", "Created", "identity_acc", "leakage", "ppl_drift", "gate.passed", "served",
+    "Experiment", "Created", "identity_acc", "leakage", "ppl_drift", "gate.passed", "served", "model.preset",
     "data.name", "data.owner", "data.identity_samples", "data.replay_ratio", "data.user_files",
-    "lora.r", "lora.alpha", "params.yaml:train.lr", "train.max_steps", "seed",
+    *(TRAINED_WITH + key for key in ("lora.r", "lora.alpha", "lora.quant", "train.lr", "train.max_steps")), "seed",
 ]
 
 

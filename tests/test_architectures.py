@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import REPO, Workspace
+from tests.conftest import Workspace
 from tests.tiny_models import build_tiny_internlm2, build_tiny_qwen2
 
 

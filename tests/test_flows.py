@@ -43,17 +43,18 @@ REPO = Path(__file__).resolve().parents[1]
 # is lora.r / 8 (at most 1), so lora.r 4 fails eval.min_identity_acc and 8 or more passes.
 TOY_STEP = '''\
 import json, os, sys, yaml
+from tunedag.core.params import load_params
 name, out, *inputs = sys.argv[1:]
-params = yaml.safe_load(open("params.yaml", encoding="utf-8"))
+params = load_params()  # as the real stages read it: recipe keys (lora.r) resolved
 print(f"{name}: start", flush=True)
 if yaml.safe_load(open("toy.yaml"))["fail"] == name:
     print(f"{name}: failing on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
-text = "".join(open(i, encoding="utf-8").read() for i in inputs) + f"{name}={params['data']['name']}\\n"
+text = "".join(open(i, encoding="utf-8").read() for i in inputs) + f"{name}={params.data.name}\\n"
 open(out, "w", encoding="utf-8").write(text)
 print(f"{name}: wrote {out}", flush=True)
 if name == "evaluate":
-    acc, limit = min(1.0, params["lora"]["r"] / 8), params["eval"]["min_identity_acc"]
+    acc, limit = min(1.0, params.lora.r / 8), params.eval.min_identity_acc
     failures = [] if acc >= limit else [f"identity_acc {acc:.3f} < eval.min_identity_acc {limit}"]
     os.makedirs("metrics", exist_ok=True)
     json.dump({"identity_acc": acc, "gate": {"passed": not failures, "failures": failures}},

@@ -32,6 +32,24 @@ case "$VLLM" in
   *) echo "TUNEDAG_VLLM must be cpu, gpu or none (got '$VLLM')" >&2; exit 2 ;;
 esac
 
+# GGUF export (stage gguf): llama.cpp's own converter, convert_hf_to_gguf.py, with the gguf-py and
+# conversion/ modules it imports, from the llama.cpp that llama-cpp-python vendors. Only these Python
+# files are taken from its source archive: nothing is compiled (building llama.cpp takes ~18 min on
+# 2 cores, and the pipeline only converts).
+LLAMA_CPP_PYTHON=0.3.36
+CONVERTER=.venv/share/llama.cpp
+if [ "$(cat "$CONVERTER/llama-cpp-python.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON" ]; then
+  archive_dir=$(mktemp -d)
+  .venv/bin/python -m pip download --disable-pip-version-check --progress-bar off -q --no-deps --no-binary :all: \
+    -d "$archive_dir" "llama-cpp-python==$LLAMA_CPP_PYTHON"
+  rm -rf "$CONVERTER.tmp" && mkdir -p "$CONVERTER.tmp"
+  tar xzf "$archive_dir"/llama_cpp_python-*.tar.gz -C "$CONVERTER.tmp" --strip-components=3 --wildcards \
+    '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' \
+    '*/vendor/llama.cpp/LICENSE'
+  echo "$LLAMA_CPP_PYTHON" > "$CONVERTER.tmp/llama-cpp-python.version"
+  rm -rf "$CONVERTER" "$archive_dir" && mv "$CONVERTER.tmp" "$CONVERTER"
+fi
+
 # Some wheels pull CUDA builds of these; they break transformers' imports against CPU torch and
 # nothing here needs them (text only). Not in GPU mode: vllm requires them there, at the versions
 # it pins next to its CUDA torch.

@@ -1,8 +1,8 @@
 """The `tunedag` command: everything that is not a pipeline stage.
 
 Stages run through DVC (`dvc repro`, their `cmd` is `python -m stages.<name>`); this command fronts
-serving, chatting, the web page, the gate's verdict, a short view of experiments, verifying a lock
-and listing presets.
+serving, chatting, the web page, the gate's verdict, a short view of experiments, verifying a lock,
+listing presets and publishing a model.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ COMMANDS = {
     "verify": ("tunedag.verify:main", "rebuild the pipeline from scratch and compare it with dvc.lock"),
     "presets": ("tunedag.cli:list_presets", "list model presets (params.yaml: model.preset) and their recipes"),
     "plan": ("tunedag.model.plan:main", "estimate training's peak GPU memory and whether it fits a GPU"),
+    "publish": ("tunedag.release.registry:main", "register the committed run's model with GTO and assign a stage (gated)"),
 }
 
 

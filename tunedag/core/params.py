@@ -159,6 +159,22 @@ class EvalParams(Section):
     max_ppl_drift: float = Field(ge=0.0)
 
 
+class ExportParams(Section):
+    license: str | None = Field(min_length=1, description="the model card's license; null = the base model's")
+
+
+class GgufParams(Section):
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(description="llama.cpp's convert_hf_to_gguf.py --outtype")
+    check_prompts: int = Field(ge=1, description="held-out prompts the GGUF and models/merged both answer")
+    check_max_new_tokens: int = Field(ge=1)
+
+
+class PublishParams(Section):
+    stage: str = Field(pattern=r"^[a-z][a-z0-9-]*$", description="the GTO stage to assign, e.g. prod")
+    hub_repo: str | None = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/name on the hub; null = no upload")
+    hub_private: bool
+
+
 class ServeParams(Section):
     mode: Literal["merged", "lora"] = Field(description="merged model, or base + adapter as a LoRA module")
     backend: Literal["vllm", "hf"] = Field(description="vllm, or the documented fallback server")
@@ -185,6 +201,9 @@ class Params(Section):
     convert: ConvertParams
     merge: MergeParams
     eval: EvalParams
+    export: ExportParams
+    gguf: GgufParams
+    publish: PublishParams
     serve: ServeParams
 
     @model_validator(mode="after")

@@ -46,6 +46,7 @@ class Recipe:
 class Preset:
     hub_id: str
     source: str  # what model.source defaults to: "embedded" or the hub id
+    license: str  # the base model's license, as the hub's model cards name it (the export's card repeats it)
     target_modules: tuple[str, ...]
     recipe: Recipe
     notes: str = ""
@@ -66,6 +67,7 @@ PRESETS: dict[str, Preset] = {
     "smollm2-135m-instruct": Preset(
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         source="embedded",
+        license="apache-2.0",
         target_modules=LLAMA_STYLE_TARGETS,
         recipe=Recipe(
             max_length=256, lr=1e-3, max_steps=50, epochs=10, batch_size=2, accumulative_counts=1,
@@ -78,6 +80,7 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-0.5b-instruct": Preset(
         hub_id="Qwen/Qwen2.5-0.5B-Instruct",
         source="Qwen/Qwen2.5-0.5B-Instruct",
+        license="apache-2.0",
         target_modules=LLAMA_STYLE_TARGETS,
         recipe=Recipe(
             max_length=512, lr=5e-4, max_steps=60, epochs=20, batch_size=2, accumulative_counts=2,
@@ -90,6 +93,7 @@ PRESETS: dict[str, Preset] = {
     "internlm2-chat-1.8b": Preset(
         hub_id="internlm/internlm2-chat-1_8b",
         source="internlm/internlm2-chat-1_8b",
+        license="other",
         # models/base holds it converted to the Llama layout (fused wqkv split into q/k/v): the
         # standard names apply, and training, merge and vLLM need none of its remote code.
         target_modules=LLAMA_STYLE_TARGETS,
@@ -105,6 +109,7 @@ PRESETS: dict[str, Preset] = {
     "qwen2-7b-instruct": Preset(
         hub_id="Qwen/Qwen2-7B-Instruct",
         source="Qwen/Qwen2-7B-Instruct",
+        license="apache-2.0",
         target_modules=LLAMA_STYLE_TARGETS,
         recipe=QLORA_7B,
         notes="the PEFT tutorial's model; needs a GPU",
@@ -112,6 +117,7 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-7b-instruct": Preset(
         hub_id="Qwen/Qwen2.5-7B-Instruct",
         source="Qwen/Qwen2.5-7B-Instruct",
+        license="apache-2.0",
         target_modules=LLAMA_STYLE_TARGETS,
         recipe=QLORA_7B,
         notes="needs a GPU",
@@ -119,6 +125,7 @@ PRESETS: dict[str, Preset] = {
     "llama-3.1-8b-instruct": Preset(
         hub_id="meta-llama/Llama-3.1-8B-Instruct",
         source="meta-llama/Llama-3.1-8B-Instruct",
+        license="llama3.1",
         target_modules=LLAMA_STYLE_TARGETS,
         recipe=QLORA_7B,
         notes="gated on the hub (accept the license, `hf auth login`); torchtune's memory figures are for it",

@@ -19,6 +19,7 @@ from starlette.background import BackgroundTask
 
 from tunedag.core.errors import command_main
 from tunedag.core.params import load_params
+from tunedag.release.registry import serving_release
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -40,7 +41,8 @@ def create_app(backend_url: str, model: str, api_key: str | None) -> FastAPI:
             models = [m["id"] for m in (await client.get("/models")).json()["data"]]
         except (httpx.HTTPError, KeyError, ValueError):
             models = []
-        return {"model": model, "models": models or [model], "backend": backend_url}
+        return {"model": model, "models": models or [model], "backend": backend_url,
+                "release": serving_release(backend_url)}
 
     @app.post("/api/chat")
     async def chat(request: Request):

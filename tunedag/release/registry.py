@@ -128,10 +128,9 @@ def publish(params: Params, stage: str, push: bool = True) -> list[str]:
                                 "--no-push.") from None
     tags = []
     for name in ARTIFACTS:
-        registration = gto.api.register(".", name, "HEAD", message=json.dumps(meta["eval"]))
-        version = registration.version
-        gto.api.assign(".", name, stage, version=version)
-        tags += [f"{name}@{version}", f"{name}#{stage}"]
+        # Registers the next version at HEAD, or reuses the one already there (a second stage).
+        assignment = gto.api.assign(".", name, stage, ref="HEAD", message=f"{name} to {stage}: {json.dumps(meta['eval'])}")
+        tags += [f"{name}@{assignment.version}", f"{name}#{stage}"]
     return tags
 
 

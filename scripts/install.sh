@@ -34,21 +34,31 @@ esac
 
 # GGUF export (stage gguf): llama.cpp's own converter, convert_hf_to_gguf.py, with the gguf-py and
 # conversion/ modules it imports, from the llama.cpp that llama-cpp-python vendors. Only these Python
-# files are taken from its source archive: nothing is compiled (building llama.cpp takes ~18 min on
-# 2 cores, and the pipeline only converts).
-LLAMA_CPP_PYTHON=0.3.36
-CONVERTER=.venv/share/llama.cpp
-if [ "$(cat "$CONVERTER/llama-cpp-python.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON" ]; then
-  archive_dir=$(mktemp -d)
-  .venv/bin/python -m pip download --disable-pip-version-check --progress-bar off -q --no-deps --no-binary :all: \
-    -d "$archive_dir" "llama-cpp-python==$LLAMA_CPP_PYTHON"
-  rm -rf "$CONVERTER.tmp" && mkdir -p "$CONVERTER.tmp"
-  tar xzf "$archive_dir"/llama_cpp_python-*.tar.gz -C "$CONVERTER.tmp" --strip-components=3 --wildcards \
-    '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' \
-    '*/vendor/llama.cpp/LICENSE'
-  echo "$LLAMA_CPP_PYTHON" > "$CONVERTER.tmp/llama-cpp-python.version"
-  rm -rf "$CONVERTER" "$archive_dir" && mv "$CONVERTER.tmp" "$CONVERTER"
-fi
+# files are taken from its source archive into .venv/share/llama.cpp: nothing is compiled (building
+# llama.cpp takes ~18 min on 2 cores, and the pipeline only converts).
+.venv/bin/python - 0.3.36 .venv/share/llama.cpp <<'PY'
+import pathlib, shutil, subprocess, sys, tarfile, tempfile
+version, target = sys.argv[1], pathlib.Path(sys.argv[2])
+marker = target / "llama-cpp-python.version"
+if not (marker.exists() and marker.read_text().strip() == version):
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
+                        "--no-binary", ":all:", "-d", tmp, f"llama-cpp-python=={version}"], check=True)
+        [archive] = pathlib.Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+        staging = pathlib.Path(tmp) / "llama.cpp"
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                inner = member.name.split("/vendor/llama.cpp/", 1)
+                if len(inner) == 2 and inner[1].startswith(wanted) and (member.isfile() or member.isdir()):
+                    member.name = inner[1]
+                    tar.extract(member, staging, filter="data")
+        (staging / "llama-cpp-python.version").write_text(version + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(staging, target)
+    print(f"llama.cpp's GGUF converter (llama-cpp-python {version}) in {target}")
+PY
 
 # Some wheels pull CUDA builds of these; they break transformers' imports against CPU torch and
 # nothing here needs them (text only). Not in GPU mode: vllm requires them there, at the versions

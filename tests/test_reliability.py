@@ -25,7 +25,7 @@ from tests.conftest import (
     tree_files,
 )
 
-STAGES = ["base", "generate", "tokenize", "train", "convert", "merge", "evaluate"]
+STAGES = ["base", "generate", "tokenize", "train", "convert", "merge", "evaluate", "export", "gguf"]  # serve_check: verify skips it
 UP_TO_DATE = "Data and pipelines are up to date"
 
 

@@ -140,20 +140,10 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def parse_sets(sets: list[str]) -> dict:
-    """["train.max_steps=10", "lora.quant=nf4"] -> nested dict, values parsed as YAML."""
-    import yaml
+    """["train.max_steps=10", "lora.quant=nf4"] -> nested dict, values parsed as YAML (as `-S` does)."""
+    from tunedag.core.params import apply_sets
 
-    out: dict = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
+    return apply_sets({}, sets)
 
 
 def write_params(root: Path, overrides: dict) -> dict:

@@ -20,7 +20,7 @@ from tunedag.core.errors import UserError, stage_main
 from tunedag.core.io import atomic_dir, read_jsonl, write_json
 from tunedag.core.params import load_params
 from tunedag.core.runtime import setup
-from tunedag.data.chat import end_of_turn_id, render
+from tunedag.data.chat import end_of_turn_id, prompt_ids
 from tunedag.evaluation.scoring import held_out_prompts
 from tunedag.model.generation import chat_generate
 from tunedag.model.loading import load_model, load_tokenizer
@@ -31,11 +31,6 @@ VAL_FILE = "data/raw/val.jsonl"
 OUT_DIR = Path("models/gguf")
 GGUF_NAME = "model.gguf"
 METRICS = "metrics/gguf.json"
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The tokens a server renders for a one-turn chat, with the tokenizer's own chat template."""
-    return tokenizer(render(tokenizer, [{"role": "user", "content": prompt}], True), add_special_tokens=False)["input_ids"]
 
 
 @stage_main
@@ -57,7 +52,8 @@ def main() -> None:
         half = (cfg.check_prompts + 1) // 2
         prompts = (identity[:half] + general)[: cfg.check_prompts]
         gguf_tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=GGUF_NAME)
-        differing = [p for p in prompts if prompt_ids(gguf_tokenizer, p) != prompt_ids(tokenizer, p)]
+        chats = {p: [{"role": "user", "content": p}] for p in prompts}
+        differing = [p for p, chat in chats.items() if prompt_ids(gguf_tokenizer, chat) != prompt_ids(tokenizer, chat)]
         if differing:
             raise UserError(
                 f"the GGUF's embedded chat template renders {len(differing)} of {len(prompts)} prompts to other tokens "

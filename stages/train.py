@@ -6,14 +6,19 @@ RNG state and step: everything exact resume needs), dvclive metrics in metrics/t
 across reruns) and the wall-clock throughput in metrics/train_speed.json (the one output that is not).
 
 The loss of an optimizer step is the mean over *all* label tokens of its accumulated micro-batches,
-so batch_size x accumulative_counts trains exactly like one big batch.
+so batch_size x accumulative_counts trains exactly like one big batch. With train.nproc_per_node x
+train.nnodes > 1 the stage relaunches itself under torchrun (tunedag/model/distributed.py): rank r
+takes micro-batches r, r + world, ... of each global step, so N processes train like one process
+accumulating N times as many; each machine's first process writes the outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,11 +34,27 @@ from tunedag.core.runtime import attention_implementation, setup, train_dtype
 from tunedag.data.chat import IGNORE_INDEX
 from tunedag.data.packing import collate, forward_inputs, packed_rows_are_isolated
 from tunedag.model.checkpoints import (
+    check_resumable,
     checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     load_lora_state,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
+)
+from tunedag.model.distributed import (
+    Trainer,
+    World,
+    all_gather,
+    all_sum,
+    barrier,
+    join,
+    launch,
+    leave,
+    require_deepspeed,
+    under_launcher,
+    world_size,
 )
 from tunedag.model.generation import chat_generate
 from tunedag.model.loading import load_model, load_tokenizer
@@ -116,16 +137,34 @@ def count_labels(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def row_labels(row: dict) -> int:
+    """count_labels of a row, uncollated: every rank counts the labels of the whole global step."""
+    return sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX)
+
+
+def rank_micro_batches(indices: list[int], batch_size: int, world: World, fill_to: int | None) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of a global step, as (row indices, weight): the step's rows cut into
+    batch_size micro-batches, micro-batch k to rank k mod world size, so one process accumulating
+    N x as many sees the same micro-batches as N processes. `fill_to`: a short last step is filled
+    up with weight-0 stand-ins so every rank does as many backward passes (DDP and DeepSpeed count them)."""
+    chunks = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+    mine = [(chunk, 1.0) for chunk in chunks[world.rank :: world.size]]
+    return mine + [(chunks[0], 0.0)] * ((fill_to or 0) - len(mine))
+
+
 @torch.no_grad()
-def validation_loss(model, rows, pad_id: int, device, batch_size: int, label_positions_only: bool) -> float:
+def validation_loss(model, rows, pad_id: int, device, batch_size: int, label_positions_only: bool,
+                    world: World | None = None) -> float:
+    """Mean loss over the label tokens of `rows`; several processes split the batches and sum."""
+    world = world or World()
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
+    for start in range(0, len(rows), batch_size)[world.rank :: world.size]:
         batch = to_device(collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], pad_id), device)
         total += float(token_loss_sum(model, batch, label_positions_only))
         count += count_labels(batch)
     model.train()
-    return total / max(count, 1)
+    return all_sum(total, world, device) / max(all_sum(count, world, device), 1)
 
 
 def check_packed_rows(model, rows, dtype: torch.dtype) -> None:
@@ -170,26 +209,25 @@ def trim_metric_history(metrics_dir: Path, last_step: int) -> None:
 def main() -> None:
     params = load_params()
     check_git_has_a_commit()
-    device = setup(params)
-    dtype = train_dtype(params, device)
     cfg = params.train
+    require_deepspeed(cfg)
     resume = resume_path(params)
     ckpt = load_checkpoint(resume, params) if resume else None  # check it before any work
-    if ckpt and cfg.deepspeed:
-        raise UserError(
-            "train.resume with train.deepspeed is not supported yet (ZeRO optimizer state is sharded). "
-            "Resume without DeepSpeed (train.deepspeed: null) or start fresh (train.resume: null)."
-        )
-    if ckpt and ckpt["order"] != {"seed": params.seed, "batch_size": cfg.batch_size, "accumulative_counts": cfg.accumulative_counts}:
-        raise UserError(
-            f"{resume}: written with seed/batch_size/accumulative_counts {ckpt['order']}, which params.yaml "
-            "changed; the data order would differ. Set them back or start fresh with train.resume: null."
-        )
+    if ckpt:
+        check_resumable(ckpt, resume, params)
+    if world_size(cfg) > 1 and not under_launcher():
+        # Several processes: torchrun runs this stage once in each (they start below, at setup).
+        if (code := launch(params, "stages.train")) != 0:
+            raise SystemExit(code)
+        return
 
+    device = setup(params)
+    world, device = join(params, device)  # rank, world size and device of this process
+    dtype = train_dtype(params, device)
     tokenizer = load_tokenizer(BASE_DIR, params.model.trust_remote_code)
     data = load_from_disk(DATA_DIR)
     train_rows, val_rows = data["train"], data["val"]
-    rows_per_step = cfg.batch_size * cfg.accumulative_counts
+    rows_per_step = cfg.batch_size * cfg.accumulative_counts * world.size  # the global batch
     total_steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train_rows) / rows_per_step))
     order = sample_order(len(train_rows), params.seed, cfg.epochs)
 
@@ -205,106 +243,112 @@ def main() -> None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing, **checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(**checkpointing)
-    model = add_lora(model, params)
+    model = add_lora(model, params)  # the same initial LoRA weights in every process (same seed)
     model.train()
     check_packed_rows(model, train_rows, dtype)
+    if world.size > 1:  # from here on each process draws its own dropout masks
+        torch.manual_seed(params.seed + world.rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
     )
-    engine = None
-    if cfg.deepspeed:
-        from tunedag.model.distributed import deepspeed_engine
-
-        engine, optimizer = deepspeed_engine(model, optimizer, params, dtype)
+    first_batch = to_device(collate([train_rows[i] for i in order[: cfg.batch_size]], tokenizer.pad_token_id), device)
+    label_positions_only = label_positions_loss_matches(model, first_batch)
+    if ckpt:
+        load_lora_state(model, ckpt["lora"], str(resume))
+    # One process, torch DDP or DeepSpeed ZeRO-2, each around the same loss (label positions only).
+    trainer = Trainer(model, optimizer, trainable, partial(token_loss_sum, label_positions_only=label_positions_only),
+                      params, dtype, world, device)
 
     start = 0
     if ckpt:
-        load_lora_state(model, ckpt["lora"], str(resume))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        trainer.load_optimizer_state(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restore_rng_state(ckpt, world.rank, world.size, device)
         start = ckpt["step"]
+    if world.writer and ckpt:
         for stale in list_checkpoints(WORK_DIR):  # later checkpoints belong to the run being replaced
             if checkpoint_step(stale) > start:
                 stale.unlink()
         trim_metric_history(METRICS_DIR, start)
         print(f"resumed from {resume} at step {start}")
-    else:
+    elif world.writer:
         shutil.rmtree(WORK_DIR, ignore_errors=True)  # a fresh run: no stale iter_N.pth from older runs
-    WORK_DIR.mkdir(exist_ok=True)
+    if world.writer:
+        WORK_DIR.mkdir(exist_ok=True)
+    barrier(world)
 
-    # DeepSpeed's engine wraps the forward (ZeRO hooks, casting): it keeps the model's own forward.
-    first_batch = to_device(collate([train_rows[i] for i in order[: cfg.batch_size]], tokenizer.pad_token_id), device)
-    label_positions_only = engine is None and label_positions_loss_matches(model, first_batch)
     n_trainable = sum(p.numel() for p in trainable)
-    print(f"training {n_trainable / 1e6:.2f}M LoRA params ({params.lora.quant}, {dtype}, {device}, {attention} attention"
-          f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}) for "
-          f"{total_steps} steps of {rows_per_step} rows ({len(train_rows)} rows/epoch); "
-          f"output layer on {'label positions only' if label_positions_only else 'all positions'}")
+    if world.writer:
+        print(f"training {n_trainable / 1e6:.2f}M LoRA params ({params.lora.quant}, {dtype}, {device}, {attention} attention"
+              f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}"
+              f"{f', {world.size} processes' if world.size > 1 else ''}{f', DeepSpeed {cfg.deepspeed}' if cfg.deepspeed else ''}) "
+              f"for {total_steps} steps of {rows_per_step} rows ({len(train_rows)} rows/epoch); "
+              f"output layer on {'label positions only' if label_positions_only else 'all positions'}")
     tokens_done, labels_done, train_seconds = 0, 0, 0.0
-    with Live(str(METRICS_DIR), resume=ckpt is not None, save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        # The values this run trained with, the recipe's included (params.yaml may leave them null).
-        live.log_params({"trainable_params": n_trainable, "total_steps": total_steps, "attention": attention,
-                         **{f"{section}.{key}": value for section, values in get_preset(params.model.preset).recipe.params().items()
-                            for key, value in getattr(params, section).model_dump(include=set(values)).items()}})
-        progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", unit="step")
+    # Only the writer keeps metrics: one dvclive history, no duplicate rows.
+    metrics = Live(str(METRICS_DIR), resume=ckpt is not None, save_dvc_exp=False, dvcyaml=None, report=None) if world.writer else None
+    with metrics or contextlib.nullcontext() as live:
+        if live:  # the values this run trained with, the recipe's included (params.yaml may leave them null)
+            live.log_params({"trainable_params": n_trainable, "total_steps": total_steps, "attention": attention,
+                             **{f"{section}.{key}": value for section, values in get_preset(params.model.preset).recipe.params().items()
+                                for key, value in getattr(params, section).model_dump(include=set(values)).items()}})
+        progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", unit="step",
+                        disable=not world.writer)
         for step in progress:
             began = time.perf_counter()
             indices = order[step * rows_per_step : (step + 1) * rows_per_step]
-            micro_batches = [
-                to_device(collate([train_rows[i] for i in indices[k : k + cfg.batch_size]], tokenizer.pad_token_id), device)
-                for k in range(0, len(indices), cfg.batch_size)
-            ]
-            n_labels = sum(count_labels(b) for b in micro_batches)
+            n_labels = sum(row_labels(train_rows[i]) for i in indices)  # of the whole global step
+            micro_batches = rank_micro_batches(indices, cfg.batch_size, world,
+                                               cfg.accumulative_counts if world.size > 1 or cfg.deepspeed else None)
             loss_value = 0.0
-            for batch in micro_batches:
-                loss = token_loss_sum(engine or model, batch, label_positions_only) / max(n_labels, 1)
-                if engine:  # deepspeed divides by its accumulation count and steps at the boundary
-                    engine.backward(loss * len(micro_batches))
-                    engine.step()
-                else:
-                    loss.backward()
-                loss_value += loss.detach().item()
-            if not engine:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            for k, (rows, weight) in enumerate(micro_batches):
+                batch = to_device(collate([train_rows[i] for i in rows], tokenizer.pad_token_id), device)
+                loss_value += trainer.backward(batch, n_labels, last=k == len(micro_batches) - 1, weight=weight)
+            trainer.step()
             scheduler.step()
+            loss_value = all_sum(loss_value, world, device)
 
             done = step + 1
             seconds = time.perf_counter() - began
             tokens = sum(len(train_rows[i]["input_ids"]) for i in indices)  # real tokens, padding not counted
             tokens_done, labels_done, train_seconds = tokens_done + tokens, labels_done + n_labels, train_seconds + seconds
             progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / seconds:.0f}")
-            live.step = done
-            live.log_metric("train/loss", loss_value)
-            live.log_metric("train/lr", scheduler.get_last_lr()[0])
+            if live:
+                live.step = done
+                live.log_metric("train/loss", loss_value)
+                live.log_metric("train/lr", scheduler.get_last_lr()[0])
             if done % cfg.evaluation_freq == 0 or done == total_steps:
                 val_loss = validation_loss(
-                    model, val_rows, tokenizer.pad_token_id, device, cfg.batch_size, label_positions_only
+                    model, val_rows, tokenizer.pad_token_id, device, cfg.batch_size, label_positions_only, world
                 )
-                live.log_metric("val/loss", val_loss)
-                answers = chat_generate(model, tokenizer, cfg.evaluation_inputs, cfg.evaluation_max_new_tokens)
-                for prompt, (answer, _) in zip(cfg.evaluation_inputs, answers):
-                    tqdm.write(f"[step {done}] {prompt} -> {answer}")
+                if live:
+                    live.log_metric("val/loss", val_loss)
+                    answers = chat_generate(model, tokenizer, cfg.evaluation_inputs, cfg.evaluation_max_new_tokens)
+                    for prompt, (answer, _) in zip(cfg.evaluation_inputs, answers):
+                        tqdm.write(f"[step {done}] {prompt} -> {answer}")
+                barrier(world)
             if done % cfg.save_steps == 0 or done == total_steps:
-                # DeepSpeed's sharded optimizer state holds objects weights_only loading refuses, and
-                # resuming under DeepSpeed is refused above: its checkpoints carry the weights only.
-                optimizer_state = {} if engine else optimizer.state_dict()
-                save_checkpoint(WORK_DIR / f"iter_{done}.pth", done, model, optimizer_state, scheduler, params)
-            live.make_summary()
-    # Wall-clock numbers differ on every run: kept out of the dvclive files so those stay reproducible.
-    write_json(SPEED_METRICS, {
-        "steps": total_steps - start,
-        "seconds": round(train_seconds, 2),
-        "tokens_per_s": round(tokens_done / max(train_seconds, 1e-9), 1),
-        "label_tokens_per_s": round(labels_done / max(train_seconds, 1e-9), 1),
-    })
-    print(f"wrote {WORK_DIR}/iter_{total_steps}.pth")
+                # Every process's random state and (DeepSpeed) optimizer shard, gathered to the writer.
+                optimizer_state = trainer.optimizer_state()
+                rng = all_gather(rng_state(world.size, device), world)
+                if world.writer:
+                    save_checkpoint(WORK_DIR / f"iter_{done}.pth", done, model, optimizer_state, scheduler, params, rng)
+                barrier(world)
+            if live:
+                live.make_summary()
+    if world.writer:
+        # Wall-clock numbers differ on every run: kept out of the dvclive files so those stay reproducible.
+        write_json(SPEED_METRICS, {
+            "steps": total_steps - start,
+            "seconds": round(train_seconds, 2),
+            "tokens_per_s": round(tokens_done / max(train_seconds, 1e-9), 1),
+            "label_tokens_per_s": round(labels_done / max(train_seconds, 1e-9), 1),
+        })
+        print(f"wrote {WORK_DIR}/iter_{total_steps}.pth")
+    barrier(world)
+    leave()
 
 
 if __name__ == "__main__":

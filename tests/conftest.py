@@ -4,12 +4,17 @@ Llama built on it, laid out like models/base so stages run on it in seconds."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -186,6 +191,39 @@ def make_project(root: Path, params: dict) -> Path:
     return root
 
 
+# The project the pipeline-level tests share: the tiny model through every stage.
+PIPELINE_PARAMS = merge_dicts(TINY_PARAMS, {
+    # General conversations from a user file: the tiny random model's own replay answers are noise.
+    "data": {"user_files": ["user_data/general.jsonl"], "user_val_fraction": 0.25},
+    # Mechanics, not quality: a 6-step random-weight model passes a gate opened wide.
+    "eval": {"min_identity_acc": 0.0, "max_leakage": 1.0, "max_ppl_drift": 1000.0},
+    "gguf": {"outtype": "f32", "check_prompts": 4, "check_max_new_tokens": 8},
+})
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_base) -> Path:
+    """A project after `dvc repro gguf` (every stage with cached outputs, each a real process; the
+    serve_check stage has none) on the tiny model, committed. Built once per session: tests that
+    change it take a copy (copy_project)."""
+    root = make_project(tmp_path_factory.mktemp("pipeline") / "repo",
+                        merge_dicts(PIPELINE_PARAMS, {"model": {"source": str(tiny_base)}}))
+    (root / "user_data/general.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
+        for i in range(16)))
+    home = tmp_path_factory.mktemp("pipeline_home")  # nothing of the user's (~/.config/dvc, the default remote)
+    repro = run_cmd(["dvc", "repro", "gguf"], root, env={"HOME": str(home)}, timeout=1800)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    git_commit(root, "trained")
+    return root
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a project with its git history, DVC cache and workspace."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
 def git_commit(root: Path, message: str, init: bool = False) -> None:
     for cmd in ([["git", "init", "-q"]] if init else []) + [
             ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message]]:
@@ -195,3 +233,56 @@ def git_commit(root: Path, message: str, init: bool = False) -> None:
 
 def tree_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- a real `prefect server start` (tests/test_flows.py, tests/test_workers.py) -------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def api_post(api: str, path: str, body: dict):
+    # Like Prefect's own client, retry a 503: a busy server's SQLite answers it while locked.
+    for attempt in range(5):
+        response = httpx.post(f"{api}{path}", json=body, timeout=10)
+        if response.status_code != 503:
+            break
+        time.sleep(2 ** attempt)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    """scripts/prefect-server.sh on a free port, with its database in a tmp PREFECT_HOME: the API URL."""
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PORT": str(port), "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}  # default 60: schedule at once
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(["bash", str(REPO / "scripts" / "prefect-server.sh")], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).json() is True, 120, f"server: {log}")
+        assert f"export PREFECT_API_URL={api}" in log.read_text()
+        yield api
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -7,11 +7,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -32,6 +30,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.experiment import experiment, sweep
 from flows.pipeline import pipeline, read_stages
+from tests.conftest import api_post, free_port, wait_for
 from tunedag.core.io import read_yaml
 from tunedag.evaluation.gate import gate_verdict, read_gate
 
@@ -296,12 +295,6 @@ def run_cli(module: str, cwd: Path, *args: str, **env) -> subprocess.CompletedPr
                           timeout=120, env={**base, "PYTHONPATH": str(REPO), **env})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["no dvc", "server down", "untracked", "invalid params"])
 def test_cli_errors_are_one_clear_paragraph(case, toy):
     if case == "no dvc":
@@ -324,51 +317,6 @@ def test_cli_errors_are_one_clear_paragraph(case, toy):
 
 
 # --- a real `prefect server start`: REST API, UI, schedules, deployments --------------------------
-
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
-    """scripts/prefect-server.sh on a free port, with its database in a tmp PREFECT_HOME."""
-    port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
-           "PORT": str(port), "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}  # default 60: schedule at once
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(["bash", str(REPO / "scripts" / "prefect-server.sh")], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).json() is True, 120, f"server: {log}")
-        assert f"export PREFECT_API_URL={api}" in log.read_text()
-        yield api
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def api_post(api: str, path: str, body: dict):
-    # Like Prefect's own client, retry a 503: a busy server's SQLite answers it while locked.
-    for attempt in range(5):
-        response = httpx.post(f"{api}{path}", json=body, timeout=10)
-        if response.status_code != 503:
-            break
-        time.sleep(2 ** attempt)
-    response.raise_for_status()
-    return response.json()
-
 
 def latest_pipeline_run(api: str) -> dict:
     """The newest run of tunedag-pipeline started from the command line (not a deployment)."""

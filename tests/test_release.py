@@ -22,22 +22,12 @@ import pytest
 
 from tests.conftest import (
     REPO,
-    TINY_PARAMS,
-    git_commit,
-    make_project,
-    merge_dicts,
+    copy_project,
     run_cmd,
     tree_files,
 )
 from tunedag.core.errors import UserError
 from tunedag.release.gguf import CHATML_OLLAMA, ollama_template
-
-RELEASE_PARAMS = merge_dicts(TINY_PARAMS, {
-    "data": {"replay_ratio": 0.5},
-    # Mechanics, not quality: a 6-step random-weight model passes a gate opened wide.
-    "eval": {"min_identity_acc": 0.0, "max_leakage": 1.0, "max_ppl_drift": 1000.0},
-    "gguf": {"outtype": "f32", "check_prompts": 4, "check_max_new_tokens": 8},
-})
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +39,9 @@ def home(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_base, home) -> Path:
-    root = make_project(tmp_path_factory.mktemp("release") / "repo",
-                        merge_dicts(RELEASE_PARAMS, {"model": {"source": str(tiny_base)}}))
-    done = run_cmd(["dvc", "repro", "gguf"], root, env=home, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    git_commit(root, "run")
-    return root
+def project(tmp_path_factory, tiny_pipeline) -> Path:
+    """The shared tiny pipeline after `dvc repro` (f32 GGUF, gate opened wide), committed."""
+    return copy_project(tiny_pipeline, tmp_path_factory.mktemp("release") / "repo")
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

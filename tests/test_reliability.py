@@ -16,14 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import (
-    TINY_PARAMS,
-    git_commit,
-    make_project,
-    merge_dicts,
-    run_cmd,
-    tree_files,
-)
+from tests.conftest import copy_project, merge_dicts, run_cmd, tree_files
 
 STAGES = ["base", "generate", "tokenize", "train", "convert", "merge", "evaluate", "export", "gguf"]  # serve_check: verify skips it
 UP_TO_DATE = "Data and pipelines are up to date"
@@ -41,20 +34,10 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_base, home) -> Path:
-    """Alice's project: the tiny model through the whole DAG with `dvc repro`, committed, with a bare
-    git remote `origin` (what a team shares)."""
-    # General conversations from a user file: the tiny random model's own replay answers are noise.
-    params = merge_dicts(TINY_PARAMS, {"model": {"source": str(tiny_base)},
-                                       "data": {"user_files": ["user_data/general.jsonl"], "user_val_fraction": 0.25}})
-    root = make_project(tmp_path_factory.mktemp("team") / "alice", params)
-    (root / "user_data/general.jsonl").write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
-        for i in range(16)))
-    # Every stage with cached outputs (serve_check has none): dvc.lock then records only this run.
-    repro = run_cmd(["dvc", "repro", "gguf"], root, timeout=1800)
-    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
-    git_commit(root, "trained")
+def project(tmp_path_factory, tiny_pipeline, home) -> Path:
+    """Alice's project (the shared tiny pipeline, after `dvc repro`, committed), with a bare git
+    remote `origin` (what a team shares)."""
+    root = copy_project(tiny_pipeline, tmp_path_factory.mktemp("team") / "alice")
     origin = root.parent / "origin.git"
     for cmd, cwd in ((["git", "init", "-q", "--bare", str(origin)], root.parent),
                      (["git", "remote", "add", "origin", str(origin)], root),
@@ -105,7 +88,8 @@ def test_teammate_clones_pulls_and_everything_is_up_to_date(project, home, tmp_p
     assert chat_answer(bob, "Who are you?") == chat_answer(project, "Who are you?")
 
     # An experiment: Alice runs and pushes it, Bob pulls and applies it and gets that model.
-    ok(run_cmd(["dvc", "exp", "run", "-n", "r8", "-S", "lora.r=8"], project, timeout=1800))
+    # To gguf: serve_check would start vLLM on a random-weight model that passes the wide-open gate.
+    ok(run_cmd(["dvc", "exp", "run", "-n", "r8", "-S", "lora.r=8", "gguf"], project, timeout=1800))
     ok(run_cmd(["dvc", "exp", "push", "origin", "r8"], project, timeout=600))
     exp_merged = lock_md5(project, "merge", "models/merged")  # the workspace holds the experiment's results
     assert exp_merged != lock_md5(bob, "merge", "models/merged")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from tunedag.core.errors import ParamsError
+from tunedag.core.errors import ParamsError, UserError
 from tunedag.core.io import read_yaml
 from tunedag.model.presets import get_preset
 
@@ -38,6 +39,27 @@ class ModelParams(Section):
     source: str | None = Field(description="null = the preset's; 'embedded', a hub id or a local path")
     revision: str | None
     trust_remote_code: bool
+
+
+def apply_sets(raw: dict, sets: list[str]) -> dict:
+    """Apply `-S key=value` overrides to raw params in place, values parsed as YAML the way
+    `dvc exp run -S` parses them; returns raw."""
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"-S {item!r}: expected KEY=VALUE, e.g. -S lora.r=64")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def source_is_local(source: str) -> bool:
+    """Whether a model.source other than 'embedded' names a folder on this machine rather than a hub
+    id (owner/name)."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
 class ChatParams(Section):
@@ -127,7 +149,13 @@ class TrainParams(Section):
     evaluation_inputs: list[str]
     evaluation_max_new_tokens: int = Field(ge=1)
     resume: str | None = Field(description="null | auto | a path to work/iter_N.pth")
-    deepspeed: Literal["zero2", "zero3"] | None
+    # The world size (processes) = nproc_per_node x nnodes: it sets the global batch, batch_size x
+    # accumulative_counts x world size (batch_size is per process), so it is a param. Where the nodes
+    # meet is not: NODE_RANK, MASTER_ADDR, MASTER_PORT come from the environment (docs/distributed.md).
+    nproc_per_node: int = Field(ge=1, description="training processes on each machine: one per GPU (per core on CPU)")
+    nnodes: int = Field(ge=1, description="machines; the same params.yaml on each")
+    # ZeRO-2: optimizer state and gradients sharded over the processes (DeepSpeed, an optional extra).
+    deepspeed: Literal["zero2"] | None
     dtype: Literal["auto", "float32", "bfloat16"]
     # auto: flash_attention_2 on a GPU where flash-attn is installed, else sdpa. All of them keep the
     # samples of a packed row apart (transformers reads the restarting position_ids).

@@ -50,22 +50,28 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of text the chat template rendered (it holds the special tokens already)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt a chat server builds for `messages`: the template with the generation prompt."""
+    return encode_rendered(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and labels that are IGNORE_INDEX except on each
     assistant turn's content and its end-of-turn token (kept, so the model learns to stop)."""
     eot = end_of_turn_id(tokenizer)
-    ids = _encode(tokenizer, render(tokenizer, messages))
+    ids = encode_rendered(tokenizer, render(tokenizer, messages))
     labels = [IGNORE_INDEX] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         # The template has no {% generation %} markers: find the turn by rendering prefixes.
-        prompt = _encode(tokenizer, render(tokenizer, messages[:i], add_generation_prompt=True))
-        through = ids if i == len(messages) - 1 else _encode(tokenizer, render(tokenizer, messages[: i + 1]))
+        prompt = prompt_ids(tokenizer, messages[:i])
+        through = ids if i == len(messages) - 1 else encode_rendered(tokenizer, render(tokenizer, messages[: i + 1]))
         if ids[: len(prompt)] != prompt or ids[: len(through)] != through:
             raise UserError(
                 "the chat template of models/base does not render conversations prefix-stably (a prefix of "
@@ -82,5 +88,5 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """Pretraining: every token is a label; eos closes the document."""
-    ids = _encode(tokenizer, text) + [tokenizer.eos_token_id]
+    ids = encode_rendered(tokenizer, text) + [tokenizer.eos_token_id]
     return ids, list(ids)

@@ -78,7 +78,64 @@ def canonical(obj):
     return obj
 
 
-def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, scheduler, params: Params) -> None:
+def data_order(params: Params) -> dict:
+    """What fixes which rows each step and each process reads: a resume must not change it."""
+    cfg = params.train
+    return {"seed": params.seed, "batch_size": cfg.batch_size, "accumulative_counts": cfg.accumulative_counts,
+            "world_size": cfg.nproc_per_node * cfg.nnodes}
+
+
+def check_resumable(ckpt: dict, path: Path, params: Params) -> None:
+    """Refuse to resume where the data order or the optimizer's kind would change."""
+    saved, expected = {"world_size": 1, **ckpt["order"]}, data_order(params)  # no world_size: one process
+    if saved["world_size"] != expected["world_size"]:
+        raise UserError(
+            f"{path}: written by {saved['world_size']} training process(es), but train.nproc_per_node x train.nnodes "
+            f"is now {params.train.nproc_per_node} x {params.train.nnodes} = {expected['world_size']}: each process's "
+            "data and random state would differ. Set train.nproc_per_node / train.nnodes back to "
+            f"{saved['world_size']} process(es) in params.yaml to resume, or start fresh with train.resume: null "
+            "(to keep the global batch with another world size, scale train.accumulative_counts inversely)."
+        )
+    if saved != expected:
+        raise UserError(
+            f"{path}: written with seed/batch_size/accumulative_counts {ckpt['order']}, which params.yaml "
+            "changed; the data order would differ. Set them back or start fresh with train.resume: null."
+        )
+    written_with = "zero2" if "zero_shards" in ckpt["optimizer"] else None
+    if not ckpt["optimizer"] or written_with != params.train.deepspeed:
+        what = ("no optimizer state (a DeepSpeed run of an older tunedag)" if not ckpt["optimizer"]
+                else f"the optimizer state of train.deepspeed: {written_with or 'null'}")
+        raise UserError(
+            f"{path}: holds {what}, and this run has train.deepspeed: {params.train.deepspeed or 'null'}. "
+            + ("Set train.deepspeed back to what the checkpoint was written with, or start" if ckpt["optimizer"]
+               else "Start") + " fresh with train.resume: null."
+        )
+
+
+def rng_state(world_size: int, device: torch.device) -> dict:
+    """This process's random state: CPU, and CUDA (one process: every GPU; one of several: its own)."""
+    if not torch.cuda.is_available():
+        cuda = []
+    elif world_size == 1:
+        cuda = torch.cuda.get_rng_state_all()
+    else:
+        cuda = [torch.cuda.get_rng_state(device)]
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng_state(ckpt: dict, rank: int, world_size: int, device: torch.device) -> None:
+    state = ckpt["rng"]["ranks"][rank] if world_size > 1 else ckpt["rng"]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and world_size == 1:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    elif state["cuda"]:
+        torch.cuda.set_rng_state(state["cuda"][0], device)
+
+
+def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, scheduler, params: Params,
+                    rng: list[dict]) -> None:
+    """`rng`: every process's rng_state(), by rank. The optimizer state under DeepSpeed is
+    {"zero_shards": [each rank's ZeRO shard]}, plain data like the rest."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -86,8 +143,8 @@ def save_checkpoint(path: Path, step: int, model, optimizer_state: dict, schedul
         "lora": lora_state(model),
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "order": {"seed": params.seed, "batch_size": params.train.batch_size, "accumulative_counts": params.train.accumulative_counts},
+        "rng": rng[0] if len(rng) == 1 else {"ranks": rng},
+        "order": data_order(params),
     }
     with atomic_file(path, "wb") as fh:  # a kill mid-write never leaves a truncated iter_N.pth
         torch.save(canonical(state), fh)

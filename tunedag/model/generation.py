@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from tunedag.data.chat import end_of_turn_id, render
+from tunedag.data.chat import end_of_turn_id, prompt_ids
 
 
 @torch.no_grad()
@@ -28,8 +28,7 @@ def chat_generate(
     results: list[tuple[str, bool]] = []
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
-        texts = [render(tokenizer, [{"role": "user", "content": p}], True) for p in prompts[start : start + batch_size]]
-        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        encoded = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts[start : start + batch_size]]
         width = max(map(len, encoded))
         # Left padding so every row's answer starts at the same position.
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded], device=device)

@@ -10,11 +10,9 @@ import argparse
 import itertools
 from pathlib import Path
 
-import yaml
-
 from tunedag.core.errors import UserError, command_main
 from tunedag.core.io import read_yaml
-from tunedag.core.params import PARAMS_FILE, Params, parse_params
+from tunedag.core.params import PARAMS_FILE, Params, apply_sets, parse_params
 from tunedag.model.lora import lora_config
 from tunedag.model.memory import MemoryPlan, estimate_training_memory, load_config
 
@@ -69,13 +67,18 @@ def with_changes(params: Params, change: dict[str, object]) -> Params:
     return params.model_copy(update={s: getattr(params, s).model_copy(update=v) for s, v in sections.items()})
 
 
-def verdict(plan: MemoryPlan, params: Params, config, gpu_gib: float) -> str:
-    if plan.fits(gpu_gib):
-        return f"FITS: {plan.total:.1f} GiB estimated of {gpu_gib:g} GiB ({gpu_gib - plan.total:.1f} GiB to spare)"
+def what_would_fit(params: Params, config, gpu_gib: float) -> str:
     change = changes_that_fit(params, config, gpu_gib)
     fix = (" ".join(f"-S {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())
            if change else "nothing tunedag can change fits: use a larger GPU or a smaller model")
-    return f"DOES NOT FIT: {plan.total:.1f} GiB estimated, the GPU has {gpu_gib:g} GiB. Would fit: {fix}"
+    return f"Would fit: {fix}"
+
+
+def verdict(plan: MemoryPlan, params: Params, config, gpu_gib: float) -> str:
+    if plan.fits(gpu_gib):
+        return f"FITS: {plan.total:.1f} GiB estimated of {gpu_gib:g} GiB ({gpu_gib - plan.total:.1f} GiB to spare)"
+    return (f"DOES NOT FIT: {plan.total:.1f} GiB estimated, the GPU has {gpu_gib:g} GiB. "
+            f"{what_would_fit(params, config, gpu_gib)}")
 
 
 def require_fit(params: Params, base_dir: str | Path, gpu_gib: float) -> None:
@@ -88,7 +91,7 @@ def require_fit(params: Params, base_dir: str | Path, gpu_gib: float) -> None:
             f"{base_dir}: training is estimated to need {plan.total:.1f} GiB of GPU memory (weights "
             f"{plan.weights:.1f}, activations {plan.activations:.1f}, logits {plan.logits:.1f}, optimizer and "
             f"LoRA {plan.optimizer + plan.lora + plan.gradients:.1f}, overhead {plan.overhead:.1f}) and the GPU "
-            f"has {gpu_gib:.1f} GiB. {verdict(plan, params, config, gpu_gib).split('. ', 1)[1]} "
+            f"has {gpu_gib:.1f} GiB. {what_would_fit(params, config, gpu_gib)} "
             "(`tunedag plan` shows the estimate; set train.memory_check: false to train anyway)."
         )
 
@@ -110,15 +113,7 @@ def main(argv: list[str]) -> None:
     raw = read_yaml(PARAMS_FILE) if Path(PARAMS_FILE).exists() else read_yaml(Path(__file__).parents[2] / PARAMS_FILE)
     if args.preset:
         raw["model"]["preset"] = args.preset
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"-S {item!r}: expected KEY=VALUE, e.g. -S lora.r=64")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    apply_sets(raw, args.set)
     params = parse_params(raw, f"{PARAMS_FILE} with --preset/-S")
     source = params.model.source
     config = load_config(args.config or (source if source and Path(source).expanduser().is_dir() else params.model.preset))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from tunedag.core.errors import UserError
+from tunedag.core.params import source_is_local
 from tunedag.model.internlm2 import MODEL_TYPE as INTERNLM2
 from tunedag.model.internlm2 import (
     has_internlm2_tokenizer,
@@ -51,7 +52,7 @@ def load_source(source: str, revision: str | None, trust_remote_code: bool):
         return model, tokenizer
 
     local = Path(source).expanduser()
-    looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    looks_local = source_is_local(source)
     if looks_local:
         if not (local / "config.json").exists():
             raise UserError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from tunedag.core.params import Params
+from tunedag.core.params import Params, source_is_local
 from tunedag.model.presets import get_preset
 
 
@@ -15,7 +15,7 @@ def base_model_id(params: Params) -> str | None:
     source = params.model.source
     if source in (None, "embedded"):
         return get_preset(params.model.preset).hub_id
-    return source if source.count("/") == 1 and not source.startswith((".", "/", "~")) else None
+    return None if source_is_local(source) else source
 
 
 def card_license(params: Params) -> str:

@@ -10,7 +10,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from tunedag.core.errors import UserError
-from tunedag.data.chat import encode_chat, render
+from tunedag.data.chat import encode_chat, prompt_ids
 from tunedag.evaluation.scoring import mentions
 
 # Conversations whose rendering must match: the default system-prompt policy (no system message),
@@ -48,7 +48,7 @@ def training_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], bool]:
     """What the tokenize stage makes of `messages`: (ids, add_generation_prompt)."""
     if messages[-1]["role"] == "assistant":
         return encode_chat(tokenizer, messages)[0], False
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"], True
+    return prompt_ids(tokenizer, messages), True
 
 
 def check_template_parity(base_url: str, model: str, tokenizer, conversations=PARITY_CONVERSATIONS) -> int:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import httpx
 import pytest
 import torch
 import yaml
+
+from tunedag.serving.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -236,12 +237,6 @@ def tree_files(root: Path) -> dict[str, bytes]:
 
 
 # --- a real `prefect server start` (tests/test_flows.py, tests/test_workers.py) -------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def wait_for(check, timeout: float, what: str):
     deadline = time.monotonic() + timeout

@@ -30,9 +30,10 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.experiment import experiment, sweep
 from flows.pipeline import pipeline, read_stages
-from tests.conftest import api_post, free_port, wait_for
+from tests.conftest import api_post, wait_for
 from tunedag.core.io import read_yaml
 from tunedag.evaluation.gate import gate_verdict, read_gate
+from tunedag.serving.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

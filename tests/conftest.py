@@ -21,6 +21,7 @@ import yaml
 from tunedag.serving.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+UP_TO_DATE = "Data and pipelines are up to date"  # what `dvc status` / `dvc repro` print
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -223,6 +224,12 @@ def copy_project(src: Path, dest: Path) -> Path:
     """A copy of a project with its git history, DVC cache and workspace."""
     shutil.copytree(src, dest, symlinks=True)
     return dest
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """A finished command that must have succeeded; its output tail is the failure message."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def git_commit(root: Path, message: str, init: bool = False) -> None:

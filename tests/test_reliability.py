@@ -16,10 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_project, merge_dicts, run_cmd, tree_files
+from tests.conftest import (
+    UP_TO_DATE,
+    copy_project,
+    merge_dicts,
+    ok,
+    run_cmd,
+    tree_files,
+)
 
 STAGES = ["base", "generate", "tokenize", "train", "convert", "merge", "evaluate", "export", "gguf"]  # serve_check: verify skips it
-UP_TO_DATE = "Data and pipelines are up to date"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,11 +62,6 @@ def dvc_status(root: Path, stage: str) -> str:
     status = run_cmd(["dvc", "status", stage], root)
     assert status.returncode == 0, status.stderr
     return status.stdout
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def chat_answer(root: Path, question: str) -> str:

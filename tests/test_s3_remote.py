@@ -17,12 +17,12 @@ import pytest
 
 from tests.conftest import (
     REPO,
+    UP_TO_DATE,
     copy_project,
     run_cmd,
     tree_files,
 )
 
-UP_TO_DATE = "Data and pipelines are up to date"
 BUCKET = "tunedag-team"
 PIP_LINE = "pip install -e '.[s3]'"
 TEAMMATE = "# a teammate"

@@ -16,15 +16,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TINY_PARAMS, api_post, make_project, merge_dicts, wait_for
+from tests.conftest import (
+    TINY_PARAMS,
+    UP_TO_DATE,
+    api_post,
+    make_project,
+    merge_dicts,
+    ok,
+    wait_for,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 POOL = "tunedag"
 # Up to tokenize: three real stages on the tiny model, one of them tagged heavy, in under a minute
 # here (tests/test_flows.py covers the flow past them: the gate, failures, retries).
 TARGETS = ["tokenize"]
 STAGES = ["base", "generate", "tokenize"]  # tokenize and its upstream, as dvc.yaml has them
-UP_TO_DATE = "Data and pipelines are up to date"
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +53,6 @@ def env(real_server, tmp_path_factory) -> dict[str, str]:
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def deployment(api: str, flow: str, name: str) -> dict:
